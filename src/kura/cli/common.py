@@ -1,0 +1,120 @@
+"""Shared plumbing for CLI commands: global options, output and progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+DEFAULT_REPO = "/var/lib/kura/repo"
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@dataclass
+class CliState:
+    """Global options, carried on the click context as ``ctx.obj``."""
+
+    json: bool = False
+    verbose: int = 0
+    repo: str | None = None
+    passphrase_file: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def repo_location(self) -> str:
+        return self.repo or os.environ.get("KURA_REPO") or DEFAULT_REPO
+
+
+def state(ctx: click.Context | None = None) -> CliState:
+    ctx = ctx or click.get_current_context()
+    obj = ctx.find_object(CliState)
+    if obj is None:  # invoked outside the main group (tests)
+        obj = CliState()
+        ctx.obj = obj
+    return obj
+
+
+def read_passphrase(st: CliState, *, confirm: bool = False) -> bytes:
+    """The repository passphrase: KURA_PASSPHRASE, --passphrase-file, or a prompt."""
+    env = os.environ.get("KURA_PASSPHRASE")
+    if env is not None:
+        return env.encode()
+    if st.passphrase_file is not None:
+        try:
+            return st.passphrase_file.read_text().rstrip("\n").encode()
+        except OSError as exc:
+            from kura.errors import UsageError
+
+            raise UsageError(f"cannot read passphrase file {st.passphrase_file}: {exc.strerror}")
+    if not sys.stdin.isatty():
+        from kura.errors import UsageError
+
+        raise UsageError(
+            "the repository passphrase is needed",
+            hint="set KURA_PASSPHRASE or pass --passphrase-file",
+        )
+    value: str = click.prompt("Repository passphrase", hide_input=True,
+                              confirmation_prompt=confirm, err=True)
+    return value.encode()
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    t = Table(title=title, show_lines=False, header_style="bold")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*("" if v is None else str(v) for v in r))
+    console.print(t)
+
+
+def human_bytes(n: float | int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def byte_progress(enabled: bool = True) -> Progress:
+    """A progress bar for byte-sized work: bar, bytes done, throughput, ETA.
+
+    Written to stderr so that ``--json`` output on stdout stays clean; disabled
+    when not on a terminal.
+    """
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=not enabled or not err_console.is_terminal,
+        transient=False,
+    )

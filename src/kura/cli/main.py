@@ -1,0 +1,84 @@
+"""Entry point of the ``kura`` command: global options, command registration,
+and the one place where errors become exit codes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from kura import __version__
+from kura.cli.common import CliState, err_console
+from kura.errors import Interrupted, KuraError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, prog_name="kura")
+@click.option("--json", "json_", is_flag=True, help="Machine-readable JSON output on stdout.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--repo", envvar="KURA_REPO", metavar="PATH",
+              help="Repository location (env KURA_REPO; default /var/lib/kura/repo).")
+@click.option("--passphrase-file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Read the repository passphrase from FILE (or set KURA_PASSPHRASE).")
+@click.pass_context
+def cli(ctx: click.Context, json_: bool, verbose: int, repo: str | None,
+        passphrase_file: Path | None) -> None:
+    """kura — cluster-aware backup for KVM/QEMU virtual machines.
+
+    Back up running and stopped VMs from every node of a libvirt cluster into a
+    deduplicated, compressed, encrypted repository; keep incremental chains
+    across live migration; restore whole VMs, single disks or disk images.
+    """
+    ctx.obj = CliState(json=json_, verbose=verbose, repo=repo, passphrase_file=passphrase_file)
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _register() -> None:
+    """Import each command module; each adds its commands to ``cli``."""
+    import importlib
+
+    for name in ("repo", "images", "lab", "vms", "server", "agent", "jobs"):
+        try:
+            module = importlib.import_module(f"kura.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"kura.cli.{name}":
+                continue  # command group not built yet
+            raise
+        module.register(cli)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="kura", standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("kura: interrupted")
+        return Interrupted.exit_code
+    except KeyboardInterrupt:
+        err_console.print("kura: interrupted")
+        return Interrupted.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except KuraError as exc:
+        err_console.print(f"[red]kura: error:[/red] {exc}", highlight=False, markup=True)
+        return exc.exit_code
+    except OSError as exc:
+        # Anything the library did not translate: still one line, never a traceback.
+        err_console.print(f"[red]kura: error:[/red] {exc}", highlight=False)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
