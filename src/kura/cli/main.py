@@ -43,7 +43,7 @@ def _register() -> None:
     """Import each command module; each adds its commands to ``cli``."""
     import importlib
 
-    for name in ("repo", "images", "lab", "vms", "server", "agent", "jobs"):
+    for name in ("repo", "backup", "images", "lab", "vms", "server", "agent", "jobs"):
         try:
             module = importlib.import_module(f"kura.cli.{name}")
         except ModuleNotFoundError as exc:
