@@ -1,0 +1,294 @@
+"""Storage backends: where a repository's objects live.
+
+A backend stores named objects ("chunks/ab/ab12...", "snapshots/X.manifest").
+Names are relative, ``/``-separated, and never contain ``..``. The repository
+relies on these operations only:
+
+- ``read(name)`` the whole object, ``ObjectNotFound`` if absent;
+- ``write(name, data)`` atomically: the object is either absent/old or
+  complete and durable, never partial. The local backend writes ``tmp/<random>``,
+  fsyncs it, renames it into place and (unless ``sync_dir=False``) fsyncs the
+  directory; ``sync_dirs`` later makes a batch of renames durable at once;
+- ``create(name, data)`` the same, but only if ``name`` does not exist yet
+  (the primitive under locks); returns False when it already existed;
+- ``exists``, ``list(prefix)`` (every object name under a folder, recursively),
+  ``delete`` (missing is fine), ``rename``;
+- ``touch(name)`` sets the object's mtime to now and returns False when the
+  object is missing: the existence check and the GC "in use" mark in one call;
+- ``stat(name)`` mtime and size.
+
+A full disk (ENOSPC/EDQUOT) becomes ``StorageFull`` naming the object; any
+other OS error becomes ``RepositoryError`` naming the path. An object-storage
+backend implements the same protocol (``create`` maps to a conditional put).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+from urllib.parse import unquote, urlparse
+
+from kura.errors import IntegrityError, RepositoryError, StorageFull, UsageError
+
+TMP_DIR = "tmp"
+
+
+class ObjectNotFound(IntegrityError):
+    """An object the repository expected is missing from the backend."""
+
+    def __init__(self, name: str, location: str) -> None:
+        super().__init__(f"object {name} is missing from the repository at {location}")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class ObjectStat:
+    mtime: float
+    size: int
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The storage interface a repository is built on (see module docstring)."""
+
+    @property
+    def location(self) -> str: ...
+
+    def read(self, name: str) -> bytes: ...
+
+    def write(self, name: str, data: bytes, *, sync_dir: bool = True) -> None: ...
+
+    def create(self, name: str, data: bytes) -> bool: ...
+
+    def exists(self, name: str) -> bool: ...
+
+    def list(self, prefix: str) -> Iterator[str]: ...
+
+    def delete(self, name: str) -> None: ...
+
+    def touch(self, name: str) -> bool: ...
+
+    def stat(self, name: str) -> ObjectStat: ...
+
+    def rename(self, src: str, dst: str) -> None: ...
+
+    def sync_dirs(self, names: Iterable[str]) -> None: ...
+
+
+def _check_name(name: str) -> None:
+    parts = name.split("/")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise UsageError(f"invalid repository object name {name!r}")
+
+
+class LocalBackend:
+    """A repository in a directory of a local or shared POSIX file system."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"LocalBackend({str(self.root)!r})"
+
+    # -- helpers -----------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        _check_name(name)
+        return self.root / name
+
+    def _fail(self, exc: OSError, name: str, action: str) -> RepositoryError:
+        path = self.root / name
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StorageFull(
+                f"no space left on the repository's storage while {action} {path}",
+                hint="free space or move the repository; existing restore points are intact",
+            )
+        return RepositoryError(f"cannot {action.split()[0]} {path}: {exc.strerror or exc}")
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_tmp(self, name: str, data: bytes) -> Path:
+        tmp_dir = self.root / TMP_DIR
+        tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp
+
+    # -- the protocol --------------------------------------------------------
+
+    def read(self, name: str) -> bytes:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise ObjectNotFound(name, self.location) from None
+        except IsADirectoryError:
+            raise ObjectNotFound(name, self.location) from None
+        except OSError as exc:
+            raise self._fail(exc, name, "reading") from exc
+
+    def write(self, name: str, data: bytes, *, sync_dir: bool = True) -> None:
+        path = self._path(name)
+        try:
+            tmp = self._write_tmp(name, data)
+            try:
+                try:
+                    os.rename(tmp, path)
+                except FileNotFoundError:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            if sync_dir:
+                self._fsync_dir(path.parent)
+        except OSError as exc:
+            raise self._fail(exc, name, "writing") from exc
+
+    def create(self, name: str, data: bytes) -> bool:
+        path = self._path(name)
+        try:
+            tmp = self._write_tmp(name, data)
+            try:
+                try:
+                    os.link(tmp, path)
+                except FileNotFoundError:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
+            self._fsync_dir(path.parent)
+            return True
+        except OSError as exc:
+            raise self._fail(exc, name, "creating") from exc
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).exists()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self._path(prefix)
+
+        def walk(directory: Path, rel: str) -> Iterator[str]:
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                raise self._fail(exc, rel, "listing") from exc
+            for entry in sorted(entries, key=lambda e: e.name):
+                child = f"{rel}/{entry.name}"
+                if entry.is_dir(follow_symlinks=False):
+                    yield from walk(Path(entry.path), child)
+                else:
+                    yield child
+
+        yield from walk(base, prefix.rstrip("/"))
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            for child in sorted(path.rglob("*"), reverse=True):
+                if child.is_dir():
+                    child.rmdir()
+                else:
+                    child.unlink()
+            path.rmdir()
+        except OSError as exc:
+            raise self._fail(exc, name, "deleting") from exc
+
+    def touch(self, name: str) -> bool:
+        try:
+            os.utime(self._path(name))
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self._fail(exc, name, "touching") from exc
+
+    def stat(self, name: str) -> ObjectStat:
+        try:
+            st = os.stat(self._path(name))
+        except FileNotFoundError:
+            raise ObjectNotFound(name, self.location) from None
+        except OSError as exc:
+            raise self._fail(exc, name, "examining") from exc
+        return ObjectStat(mtime=st.st_mtime, size=st.st_size)
+
+    def rename(self, src: str, dst: str) -> None:
+        dst_path = self._path(dst)
+        try:
+            try:
+                os.rename(self._path(src), dst_path)
+            except FileNotFoundError:
+                if not self._path(src).exists():
+                    raise ObjectNotFound(src, self.location) from None
+                dst_path.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(self._path(src), dst_path)
+        except ObjectNotFound:
+            raise
+        except OSError as exc:
+            raise self._fail(exc, src, "renaming") from exc
+
+    def sync_dirs(self, names: Iterable[str]) -> None:
+        dirs = {self._path(n).parent for n in names}
+        try:
+            for d in sorted(dirs):
+                self._fsync_dir(d)
+        except OSError as exc:
+            raise self._fail(exc, str(d), "syncing") from exc
+
+
+def open_backend(location: str | os.PathLike[str] | Backend) -> Backend:
+    """The backend for a location: a plain path or a ``file://`` URL."""
+    if isinstance(location, Backend):
+        return location
+    text = os.fspath(location)
+    if "://" in text:
+        url = urlparse(text)
+        if url.scheme != "file":
+            raise UsageError(
+                f"unsupported repository location {text!r}",
+                hint="use a directory path or a file:// URL",
+            )
+        if url.netloc not in ("", "localhost"):
+            raise UsageError(f"file:// URL with a host is not supported: {text!r}")
+        text = unquote(url.path)
+    if not text:
+        raise UsageError("empty repository location")
+    return LocalBackend(Path(text).expanduser())
