@@ -1,0 +1,101 @@
+"""Request plumbing shared by the API modules: the server context and auth.
+
+Every endpoint except ``GET /api/ca`` depends on :func:`principal`, which reads
+the ``Authorization: Bearer ...`` header and resolves it in the catalog. The
+role checks are small dependencies (:func:`reader`, :func:`operator`,
+:func:`admin`, :func:`agent`) so each route states its requirement in its
+signature, and the OpenAPI document shows the bearer scheme on every route.
+Failures are 401 (no or bad credential) or 403 (valid, but the wrong kind or
+role); the response never contains the credential.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from kura.catalog import Catalog
+from kura.errors import AuthError
+from kura.server import auth
+from kura.server.engine import JobEngine
+from kura.server.storage import Storage
+
+
+@dataclass
+class ServerContext:
+    catalog: Catalog
+    engine: JobEngine
+    storage: Storage | None
+    ca_pem: bytes
+    ca_fingerprint: str
+    dead_after: float
+
+
+bearer = HTTPBearer(auto_error=False, description="A kura API token or agent credential")
+
+
+def context(request: Request) -> ServerContext:
+    ctx: ServerContext = request.app.state.kura
+    return ctx
+
+
+Ctx = Annotated[ServerContext, Depends(context)]
+
+
+def principal(ctx: Ctx,
+              creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+              ) -> auth.Principal:
+    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+        raise HTTPException(401, "authentication required: send 'Authorization: Bearer TOKEN'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    try:
+        with ctx.catalog.session() as s:
+            return auth.authenticate(s, creds.credentials)
+    except AuthError as exc:
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
+
+
+Who = Annotated[auth.Principal, Depends(principal)]
+
+
+def reader(who: Who) -> auth.Principal:
+    if not who.allows("read-only"):
+        raise HTTPException(403, f"a user token is needed here, not an {who.kind} credential")
+    return who
+
+
+def operator(who: Who) -> auth.Principal:
+    if not who.allows("operator"):
+        raise HTTPException(403, "this needs the operator or admin role"
+                            if who.kind == "user" else
+                            f"a user token is needed here, not an {who.kind} credential")
+    return who
+
+
+def admin(who: Who) -> auth.Principal:
+    if not who.allows("admin"):
+        raise HTTPException(403, "this needs the admin role" if who.kind == "user" else
+                            f"a user token is needed here, not an {who.kind} credential")
+    return who
+
+
+def agent(who: Who) -> auth.Principal:
+    if who.kind != "agent":
+        raise HTTPException(403, "this endpoint is for enrolled agents only")
+    return who
+
+
+def enrolling(who: Who) -> auth.Principal:
+    if who.kind != "enrol":
+        raise HTTPException(403, "enrolment needs a one-time enrolment token")
+    return who
+
+
+Reader = Annotated[auth.Principal, Depends(reader)]
+Operator = Annotated[auth.Principal, Depends(operator)]
+Admin = Annotated[auth.Principal, Depends(admin)]
+AgentP = Annotated[auth.Principal, Depends(agent)]
+Enrolling = Annotated[auth.Principal, Depends(enrolling)]

@@ -1,0 +1,84 @@
+"""Starting a server: state directory, TLS, catalog, repository, uvicorn.
+
+``ServerConfig`` is the frozen set of options ``kura server`` was given;
+:func:`build_context` opens everything (creating the CA and certificate on
+first start) and :func:`serve` runs uvicorn with TLS until interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from kura.catalog import Catalog
+from kura.errors import UsageError
+from kura.server import tls
+from kura.server.app import create_app
+from kura.server.deps import ServerContext
+from kura.server.engine import EngineSettings, JobEngine
+from kura.server.storage import Storage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = Path("/var/lib/kura/server")
+DEFAULT_LISTEN = "127.0.0.1:8443"
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"bad listen address {listen!r}",
+                         hint="use HOST:PORT, e.g. 127.0.0.1:8443")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = DEFAULT_LISTEN
+    state_dir: Path = DEFAULT_STATE_DIR
+    catalog: str | None = None           # path or URL; default <state_dir>/catalog.db
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    dead_after: float = 45.0
+    extra_names: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def catalog_location(self) -> str:
+        return self.catalog or str(self.state_dir / "catalog.db")
+
+
+def tls_files(cfg: ServerConfig) -> tls.TlsFiles:
+    if cfg.tls_cert or cfg.tls_key:
+        if not (cfg.tls_cert and cfg.tls_key):
+            raise UsageError("--tls-cert and --tls-key go together")
+        return tls.TlsFiles(ca=cfg.tls_ca or cfg.tls_cert, cert=cfg.tls_cert, key=cfg.tls_key)
+    host, _ = parse_listen(cfg.listen)
+    return tls.ensure_tls(cfg.state_dir, [host, *cfg.extra_names])
+
+
+def build_context(cfg: ServerConfig, storage: Storage | None,
+                  server_checks: Callable[[], list[dict[str, Any]]] | None = None,
+                  ) -> tuple[ServerContext, tls.TlsFiles]:
+    files = tls_files(cfg)
+    catalog = Catalog.open(cfg.catalog_location)
+    engine = JobEngine(catalog, EngineSettings(dead_after=cfg.dead_after), storage=storage,
+                       server_checks=server_checks)
+    ca_pem = files.ca.read_bytes()
+    ctx = ServerContext(catalog=catalog, engine=engine, storage=storage, ca_pem=ca_pem,
+                        ca_fingerprint=tls.fingerprint(ca_pem), dead_after=cfg.dead_after)
+    return ctx, files
+
+
+def serve(cfg: ServerConfig, ctx: ServerContext, files: tls.TlsFiles) -> None:
+    host, port = parse_listen(cfg.listen)
+    app = create_app(ctx)
+    log.info("kura server on https://%s:%d (CA fingerprint %s)", host, port, ctx.ca_fingerprint)
+    uvicorn.run(app, host=host, port=port, ssl_certfile=str(files.cert),
+                ssl_keyfile=str(files.key), log_level="warning", access_log=False,
+                timeout_keep_alive=30)
