@@ -1,0 +1,583 @@
+"""The lab cluster: nodes, storage and VMs under one root directory.
+
+``Lab.create(root)`` loads ``<root>/lab.json`` or claims a lab index and
+writes a fresh one (see :mod:`kura.lab.state`). ``up()`` then makes reality
+match the state, idempotently:
+
+1. check the host (root, packages; apt-get installs what is missing);
+2. build or reuse the cached guest image, probe KVM vs TCG;
+3. for each node: if its libvirtd answers, keep it; otherwise kill whatever
+   is left of it (by token/PID), wipe its volatile ``run`` directory and start
+   it again — this is also crash recovery;
+4. create the default VMs the first time (``local-1`` on node-a's local
+   storage, ``shared-1``, ``shared-2``... on the shared directory alternating
+   between nodes, all running the workload), or start the lab's own VMs that
+   a crash left shut off.
+
+Storage layout (all under the root)::
+
+    shared/<vm>/vda.qcow2 ...      the cluster-shared volume (both nodes see it)
+    nodes/<node>/local/<vm>/...    node-local storage
+    <vm dir>/nvram.fd console.log  UEFI variables, serial console
+
+Live migration uses ``VIR_MIGRATE_UNSAFE`` on the plain shared directory (safe
+here: one kernel, one page cache). The backup engine decides whether a disk is
+on shared storage from the file system type or from ``KURA_SHARED_STORAGE``
+(colon-separated directories): tests and agents set it to ``Lab.shared_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from kura.errors import LabError
+from kura.lab import host
+from kura.lab import node as nodes_mod
+from kura.lab.accel import probe_accel
+from kura.lab.domain import (
+    OVMF_VARS,
+    DiskFile,
+    DiskSpec,
+    DomainSpec,
+    domain_xml,
+    parse_size,
+    relocate,
+    target_name,
+    validate_disks,
+)
+from kura.lab.guestimage import GuestImage, cache_dir, ensure_guest_image
+from kura.lab.node import LabNode
+from kura.lab.state import (
+    DiskRecord,
+    LabState,
+    NodeRecord,
+    VMRecord,
+    allocate_index,
+    load_state,
+    locked,
+    node_address,
+    node_name,
+    release_index,
+    save_state,
+)
+from kura.lab.verify import Verdict, verify_image
+from kura.lab.vm import LabVM
+
+DEFAULT_ROOT = Path("/var/lib/kura/lab")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                  | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("KURA_LAB_DIR") or DEFAULT_ROOT)
+
+
+def _check_traversable(path: Path) -> None:
+    """QEMU runs as libvirt-qemu: every parent of the lab must be searchable by others."""
+    for parent in path.parents:
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            raise LabError(f"{parent} is not searchable by other users, so QEMU (user "
+                           "libvirt-qemu) cannot reach lab disks below it",
+                           hint="choose a lab directory elsewhere or `chmod o+x` it")
+
+
+class Lab:
+    """A lab cluster rooted at a directory (see the module docstring)."""
+
+    def __init__(self, root: Path, state: LabState) -> None:
+        self.root = root
+        self._state = state
+        self._conns: dict[str, libvirt.virConnect] = {}
+        self._image: GuestImage | None = None
+        #: Called with one line per step of ``up``/``down`` (the CLI prints them).
+        self.progress: Callable[[str], None] = lambda _msg: None
+
+    # -- identity ------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: Path | None = None, *, index: int | None = None) -> Lab:
+        """Load the lab at ``root`` or create its state (claiming a lab index)."""
+        root = (root or default_root()).absolute()
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)
+        _check_traversable(root)
+        with locked(root / "lab.lock"):
+            state = load_state(root)
+            if state is None:
+                state = LabState(index=allocate_index(root, index))
+                save_state(root, state)
+            elif index is not None and index != state.index:
+                raise LabError(f"the lab at {root} has index {state.index}, not {index}")
+        return cls(root, state)
+
+    @classmethod
+    def existing(cls, root: Path | None = None) -> Lab | None:
+        """The lab at ``root`` if it has a state file, without creating anything."""
+        root = (root or default_root()).absolute()
+        state = load_state(root)
+        return cls(root, state) if state is not None else None
+
+    @property
+    def index(self) -> int:
+        return self._state.index
+
+    @property
+    def shared_dir(self) -> Path:
+        """The cluster-shared volume: set ``KURA_SHARED_STORAGE`` to this."""
+        return self.root / "shared"
+
+    @property
+    def accel(self) -> str:
+        """``kvm`` or ``tcg`` (probed by ``up``)."""
+        return self._state.accel or "tcg"
+
+    @property
+    def nodes(self) -> list[LabNode]:
+        return [LabNode(name=r.name, address=r.address, directory=self.root / "nodes" / r.name,
+                        token=r.token, host_uuid=r.host_uuid) for r in self._state.nodes]
+
+    def node(self, name: str) -> LabNode:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise LabError(f"the lab has no node {name!r}",
+                       hint="nodes are " + ", ".join(n.name for n in self.nodes) if self.nodes
+                       else "run `kura lab up` first")
+
+    def connect(self, node: LabNode | str) -> libvirt.virConnect:
+        """A (cached) libvirt connection to a node."""
+        n = self.node(node) if isinstance(node, str) else node
+        conn = self._conns.get(n.name)
+        if conn is not None:
+            try:
+                if conn.isAlive():
+                    return conn
+            except libvirt.libvirtError:
+                pass
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+        conn = n.connect()
+        self._conns[n.name] = conn
+        return conn
+
+    def _drop_connections(self) -> None:
+        for conn in self._conns.values():
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+        self._conns.clear()
+
+    # -- state ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _mutate(self) -> Iterator[LabState]:
+        with locked(self.root / "lab.lock"):
+            state = load_state(self.root)
+            if state is None:
+                raise LabError(f"the lab at {self.root} has been removed",
+                               hint="run `kura lab up` to build it again")
+            yield state
+            save_state(self.root, state)
+            self._state = state
+
+    def reload(self) -> None:
+        state = load_state(self.root)
+        if state is not None:
+            self._state = state
+
+    def image(self) -> GuestImage:
+        if self._image is None:
+            self._image = ensure_guest_image()
+        return self._image
+
+    # -- up / down -------------------------------------------------------------------
+
+    def up(self, nodes: int = 2, vms: int = 3) -> None:
+        """Bring the lab to ``nodes`` running nodes and its VMs running (idempotent)."""
+        if not 1 <= nodes <= 8:
+            raise LabError(f"a lab has 1..8 nodes, not {nodes}")
+        if vms < 0:
+            raise LabError("the number of VMs cannot be negative")
+        self.progress("checking host packages")
+        host.require_host()
+        self.progress("guest image (kernel + initramfs)")
+        image = self.image()
+        accel = probe_accel(image, cache_dir())
+        if accel == "kvm":
+            host.kvm_access()
+        with self._mutate() as st:
+            st.accel = accel
+            for i in range(len(st.nodes), nodes):
+                st.nodes.append(NodeRecord(name=node_name(i), address=node_address(st.index, i),
+                                           token=secrets.token_hex(16),
+                                           host_uuid=str(uuidlib.uuid4())))
+        self.progress(f"accelerator: {accel}")
+        self.shared_dir.mkdir(exist_ok=True)
+        self.shared_dir.chmod(0o777)
+        all_nodes = self.nodes
+        for n in all_nodes:
+            if n.is_up() and n.pids():
+                self.progress(f"{n.name}: up at {n.uri}")
+                continue
+            killed = nodes_mod.stop(n)
+            self._conns.pop(n.name, None)
+            nodes_mod.prepare(n, all_nodes)
+            nodes_mod.start(n)
+            self.progress(f"{n.name}: started at {n.uri}"
+                          + (f" (cleaned up {killed} leftover processes)" if killed else ""))
+        if not any(v.role == "lab" for v in self._state.vms):
+            for i in range(vms):
+                if i == 0:
+                    name, where, storage = "local-1", all_nodes[0].name, "local"
+                else:
+                    name, where = f"shared-{i}", all_nodes[i % len(all_nodes)].name
+                    storage = "shared"
+                self.create_vm(name, node=where, storage=storage, workload=True, start=True,
+                               wait=False, role="lab")
+                self.progress(f"{name}: defined and started on {where} ({storage} storage)")
+        self._recover_vms()
+        for vm in self.vms():
+            if vm.agent and vm.is_active():
+                vm.wait_agent(90)
+        self.progress("all VMs answer")
+
+    def _recover_vms(self) -> None:
+        """Define lab VMs that vanished and start the lab's own VMs left shut off."""
+        for rec in list(self._state.vms):
+            vm = self._vm(rec)
+            where = vm.locate()
+            if where is None:
+                home = rec.home if rec.home in {n.name for n in self.nodes} else self.nodes[0].name
+                self.connect(home).defineXML(self._xml(rec))
+                self.progress(f"{rec.name}: redefined on {home}")
+                where = vm.locate()
+            if rec.role == "lab" and where is not None and not where[1].isActive():
+                try:
+                    where[1].create()
+                except libvirt.libvirtError as exc:
+                    raise LabError(f"cannot start lab VM {rec.name} on {where[0].name}: "
+                                   f"{exc.get_error_message()}") from exc
+                self.progress(f"{rec.name}: started on {where[0].name}")
+
+    def down(self) -> None:
+        """Kill every process of the lab (by PID), remove its files and free its index."""
+        self._drop_connections()
+        tokens = {n.token for n in self.nodes}
+        nodes_dir = self.root / "nodes"
+        if nodes_dir.is_dir():  # also nodes a crash kept out of the state file
+            for f in nodes_dir.glob(f"*/etc/{host.TOKEN_FILE}"):
+                with contextlib.suppress(OSError):
+                    tokens.add(f.read_text().strip())
+        for token in sorted(tokens):
+            killed = host.kill_token(token)
+            if killed:
+                self.progress(f"killed {killed} processes of node token {token[:8]}")
+        leftovers = [pid for t in tokens for pid in host.pids_with_token(t)]
+        if leftovers:
+            raise LabError(f"lab processes survived: {leftovers}")
+        release_index(self.root, self.index)
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.progress(f"removed {self.root}")
+
+    # -- VMs ----------------------------------------------------------------------------
+
+    def _vm(self, rec: VMRecord) -> LabVM:
+        return LabVM(rec, self.nodes, self.connect)
+
+    def vm(self, name: str) -> LabVM:
+        self.reload()
+        rec = self._state.vm(name)
+        if rec is None:
+            raise LabError(f"the lab has no VM {name!r}",
+                           hint="see `kura lab status` for its VMs")
+        return self._vm(rec)
+
+    def vms(self) -> list[LabVM]:
+        self.reload()
+        return [self._vm(r) for r in self._state.vms]
+
+    def _storage_dir(self, storage: str, node: str) -> Path:
+        if storage == "shared":
+            return self.shared_dir
+        if storage == "local":
+            return self.node(node).local_dir
+        raise LabError(f"storage must be 'shared' or 'local', not {storage!r}")
+
+    def _xml(self, rec: VMRecord) -> str:
+        image = self.image()
+        directory = Path(rec.disks[0].path).parent
+        return domain_xml(DomainSpec(
+            name=rec.name, uuid=rec.uuid, accel="kvm" if self.accel == "kvm" else "qemu",
+            kernel=image.kernel, initrd=image.initrd,
+            disks=tuple(DiskFile(Path(d.path), d.fmt, d.target) for d in rec.disks),
+            memory_mib=rec.memory_mib, agent=rec.agent, workload=rec.workload,
+            nvram=Path(rec.nvram) if rec.nvram else None,
+            console_log=directory / f"{rec.name}.console.log", storage=rec.storage))
+
+    def _check_new_name(self, name: str) -> None:
+        if not _NAME.match(name):
+            raise LabError(f"bad VM name {name!r}",
+                           hint="use letters, digits, '.', '_' and '-' (max 63)")
+        if self._state.vm(name) is not None:
+            raise LabError(f"the lab already has a VM named {name!r}")
+
+    def create_vm(self, name: str, *, node: str = "node-a", storage: str = "shared",
+                  disks: Sequence[DiskSpec] = (DiskSpec(size="256M"),), agent: bool = True,
+                  workload: bool = False, uefi: bool = False, memory_mib: int = 128,
+                  start: bool = True, wait: bool = True, role: str = "test") -> LabVM:
+        """Create disks for a new VM, define it on ``node`` and (by default) start it.
+
+        With ``start`` and ``wait`` (and an agent) this returns once the guest agent
+        answers. ``workload`` starts the writer loop at boot (kernel command line).
+        """
+        if memory_mib < 96:
+            raise LabError("lab guests need at least 96 MiB of memory")
+        specs = tuple(disks)
+        targets = validate_disks(specs)
+        self.reload()
+        self._check_new_name(name)
+        target_node = self.node(node)
+        vm_dir = self._storage_dir(storage, node) / name
+        if vm_dir.exists():  # left over from a crash: the VM is not in the state
+            shutil.rmtree(vm_dir)
+        vm_dir.mkdir(parents=True)
+        vm_dir.chmod(0o777)
+        records = []
+        for spec, target in zip(specs, targets, strict=True):
+            path = vm_dir / f"{target}.{spec.fmt}"
+            if spec.fmt == "qcow2":
+                host.run(["qemu-img", "create", "-q", "-f", "qcow2", path, spec.size])
+            else:
+                with open(path, "wb") as fh:
+                    fh.truncate(parse_size(spec.size))
+            path.chmod(0o666)
+            records.append(DiskRecord(path=str(path), fmt=spec.fmt, target=target,
+                                      size=spec.size))
+        nvram = None
+        if uefi:
+            nvram = vm_dir / "nvram.fd"
+            shutil.copyfile(OVMF_VARS, nvram)
+            nvram.chmod(0o666)
+        rec = VMRecord(name=name, uuid=str(uuidlib.uuid4()), storage=storage, home=node,
+                       disks=records, agent=agent, workload=workload, uefi=uefi,
+                       memory_mib=memory_mib, nvram=str(nvram) if nvram else None, role=role,
+                       directory=str(vm_dir))
+        return self._define(rec, target_node, start=start, wait=wait)
+
+    def define_vm_from_disks(self, name: str, *, node: str = "node-a",
+                             disks: Sequence[Path | tuple[Path, str]], agent: bool = True,
+                             workload: bool = False, nvram: Path | None = None,
+                             memory_mib: int = 128, start: bool = True,
+                             wait: bool = True) -> LabVM:
+        """Define (and start) a lab VM on existing disk images, e.g. restored ones.
+
+        ``disks`` are paths (format from the suffix: ``.raw``/``.img`` raw, else qcow2)
+        or (path, format) pairs, attached as vda, vdb, ... The images are not the lab's:
+        ``remove_vm`` leaves them in place. Storage is ``shared`` if the first disk
+        is under ``shared_dir``.
+        """
+        self.reload()
+        self._check_new_name(name)
+        target_node = self.node(node)
+        records = []
+        for i, item in enumerate(disks):
+            path, fmt = item if isinstance(item, tuple) else (
+                item, "raw" if item.suffix in (".raw", ".img") else "qcow2")
+            path = Path(path).absolute()
+            if not path.exists():
+                raise LabError(f"disk image {path} does not exist")
+            if fmt not in ("qcow2", "raw"):
+                raise LabError(f"disk format must be qcow2 or raw, not {fmt!r}")
+            records.append(DiskRecord(path=str(path), fmt=fmt, target=target_name(i),
+                                      size=str(path.stat().st_size)))
+        if not records:
+            raise LabError("a lab VM needs at least one disk")
+        storage = ("shared" if Path(records[0].path).is_relative_to(self.shared_dir)
+                   else "local")
+        rec = VMRecord(name=name, uuid=str(uuidlib.uuid4()), storage=storage, home=node,
+                       disks=records, agent=agent, workload=workload, uefi=nvram is not None,
+                       memory_mib=memory_mib, nvram=str(nvram) if nvram else None,
+                       role="test", directory=None)
+        return self._define(rec, target_node, start=start, wait=wait)
+
+    def _define(self, rec: VMRecord, target_node: LabNode, *, start: bool,
+                wait: bool) -> LabVM:
+        with self._mutate() as st:
+            if st.vm(rec.name) is not None:
+                raise LabError(f"the lab already has a VM named {rec.name!r}")
+            st.vms.append(rec)
+        vm = self._vm(rec)
+        try:
+            dom = self.connect(target_node).defineXML(self._xml(rec))
+            if start:
+                dom.create()
+        except libvirt.libvirtError as exc:
+            raise LabError(f"cannot define/start VM {rec.name} on {target_node.name}: "
+                           f"{exc.get_error_message()}",
+                           hint=f"see {target_node.directory}/log/qemu/{rec.name}.log") from exc
+        if start and wait and rec.agent:
+            vm.wait_agent(90)
+        return vm
+
+    def remove_vm(self, name: str) -> None:
+        """Destroy and undefine a VM everywhere; delete its directory if the lab made it."""
+        vm = self.vm(name)
+        vm.undefine()
+        with self._mutate() as st:
+            rec = st.vm(name)
+            if rec is not None:
+                st.vms.remove(rec)
+        if vm._record.directory:
+            shutil.rmtree(vm._record.directory, ignore_errors=True)
+
+    # -- moving VMs ---------------------------------------------------------------------
+
+    def migrate(self, vm: str, to: str, *, offline: bool = False) -> None:
+        """Live-migrate a running VM (shared storage), or quick-migrate it with
+        ``offline`` (save on the source, move local disks, restore on ``to``)."""
+        lv = self.vm(vm)
+        dest = self.node(to)
+        where = lv.locate()
+        if where is None:
+            raise LabError(f"VM {vm} is not defined on any lab node")
+        src, dom = where
+        if src.name == dest.name:
+            raise LabError(f"VM {vm} is already on {to}")
+        if not dom.isActive():
+            raise LabError(f"VM {vm} is not running", hint="use cold_move for shut-off VMs")
+        if not offline:
+            if lv.storage != "shared":
+                raise LabError(f"VM {vm} is on {src.name}'s local storage: live migration "
+                               "needs shared storage", hint="use --offline (quick migration)")
+            flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+                     | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+                     | libvirt.VIR_MIGRATE_UNSAFE)
+            try:
+                dom.migrateToURI3(dest.uri, {}, flags)
+            except libvirt.libvirtError as exc:
+                raise LabError(f"live migration of {vm} from {src.name} to {to} failed: "
+                               f"{exc.get_error_message()}") from exc
+            return
+        self._quick_migrate(lv, src, dom, dest)
+
+    def _move_files(self, lv: LabVM, src: LabNode, dest: LabNode) -> tuple[Path, Path] | None:
+        """For a local-storage VM, move its directory to ``dest``'s local storage."""
+        rec = lv._record
+        if lv.storage != "local" or not rec.directory:
+            return None
+        old = Path(rec.directory)
+        new = dest.local_dir / lv.name
+        if new.exists():
+            raise LabError(f"{new} already exists: cannot move VM {lv.name} there")
+        shutil.move(str(old), str(new))
+        return old, new
+
+    def _update_paths(self, name: str, moved: tuple[Path, Path] | None, dest: LabNode) -> None:
+        with self._mutate() as st:
+            rec = st.vm(name)
+            if rec is None:
+                return
+            rec.home = dest.name
+            if moved is None:
+                return
+            old, new = (str(moved[0]) + "/", str(moved[1]) + "/")
+            for d in rec.disks:
+                if d.path.startswith(old):
+                    d.path = new + d.path[len(old):]
+            if rec.nvram and rec.nvram.startswith(old):
+                rec.nvram = new + rec.nvram[len(old):]
+            rec.directory = str(moved[1])
+
+    def _quick_migrate(self, lv: LabVM, src: LabNode, dom: libvirt.virDomain,
+                       dest: LabNode) -> None:
+        rec = lv._record
+        base = Path(rec.directory) if rec.directory else Path(rec.disks[0].path).parent
+        save = base / f"{lv.name}.save"
+        try:
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+            dom.save(str(save))
+            moved = self._move_files(lv, src, dest)
+            src_conn = self.connect(src)
+            dxml = None
+            if moved is not None:
+                save = moved[1] / save.name
+                xml = relocate(xml, moved[0], moved[1])
+                dxml = relocate(src_conn.saveImageGetXMLDesc(str(save),
+                                libvirt.VIR_DOMAIN_XML_SECURE), moved[0], moved[1])
+            dest_conn = self.connect(dest)
+            dest_conn.defineXML(xml)
+            dom.undefineFlags(UNDEFINE_FLAGS)
+            dest_conn.restoreFlags(str(save), dxml, 0)
+        except libvirt.libvirtError as exc:
+            raise LabError(f"quick migration of {lv.name} from {src.name} to {dest.name} "
+                           f"failed: {exc.get_error_message()}",
+                           hint=f"the saved state is in {save}") from exc
+        save.unlink(missing_ok=True)
+        self._update_paths(lv.name, moved, dest)
+
+    def cold_move(self, vm: str, to: str) -> None:
+        """Move a shut-off VM's definition (and local disks) to node ``to``."""
+        lv = self.vm(vm)
+        dest = self.node(to)
+        where = lv.locate()
+        if where is None:
+            raise LabError(f"VM {vm} is not defined on any lab node")
+        src, dom = where
+        if src.name == dest.name:
+            raise LabError(f"VM {vm} is already on {to}")
+        if dom.isActive():
+            raise LabError(f"VM {vm} is running", hint="shut it down first, or migrate it")
+        try:
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+            moved = self._move_files(lv, src, dest)
+            if moved is not None:
+                xml = relocate(xml, moved[0], moved[1])
+            self.connect(dest).defineXML(xml)
+            dom.undefineFlags(UNDEFINE_FLAGS)
+        except libvirt.libvirtError as exc:
+            raise LabError(f"cold move of {vm} to {to} failed: {exc.get_error_message()}") \
+                from exc
+        self._update_paths(vm, moved, dest)
+
+    # -- reporting and checking ---------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Nodes and VMs as plain data (what ``kura lab status --json`` prints)."""
+        self.reload()
+        nodes = []
+        for n in self.nodes:
+            nodes.append({"name": n.name, "address": n.address, "uri": n.uri,
+                          "local_dir": str(n.local_dir), "up": n.is_up()})
+        vms = []
+        for v in self.vms():
+            where = v.locate()
+            vms.append({"name": v.name, "uuid": v.uuid, "node": where[0].name if where else None,
+                        "storage": v.storage, "state": v.state(),
+                        "disks": [str(p) for p in v.disk_paths], "agent": v.agent})
+        return {"root": str(self.root), "index": self.index, "accel": self.accel,
+                "shared_dir": str(self.shared_dir), "nodes": nodes, "vms": vms}
+
+    def verify_disk(self, image: Path, *, fmt: str = "qcow2") -> Verdict:
+        """Check a disk that carried the workload: e2fsck + every committed file."""
+        scratch = self.root / "tmp"
+        scratch.mkdir(exist_ok=True)
+        return verify_image(Path(image), fmt=fmt, scratch_dir=scratch)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise LabError(f"timed out after {timeout:.0f} s waiting for {what}")
+            time.sleep(0.1)
