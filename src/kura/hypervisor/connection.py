@@ -1,10 +1,11 @@
 """Opening a libvirt connection and naming the node behind it.
 
-A *node* is identified by two things libvirt reports: its hostname and its
-host UUID (``<host><uuid>`` in the capabilities XML, set by ``host_uuid`` in
-libvirtd.conf). Restore points record both, so that ``kura snapshots`` can
-say where each one was taken even when hostnames repeat (as in the lab, whose
-nodes are network namespaces on one machine).
+A *node* is identified by what libvirt reports: its hostname (recorded in
+every restore point, with the URI kura used) and its host UUID
+(``<host><uuid>`` in the capabilities XML, set by ``host_uuid`` in
+libvirtd.conf), which the inventory shows. The UUID is fetched only on
+demand: libvirt builds the whole capabilities document for it, which takes
+seconds on some hosts.
 
 libvirt's default error handler prints every error to stderr, including the
 ones kura expects and handles (a missing checkpoint, a domain that is not
@@ -16,6 +17,7 @@ message that says what to do.
 from __future__ import annotations
 
 import contextlib
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from types import TracebackType
@@ -26,6 +28,8 @@ import libvirt
 from kura.errors import DomainNotFound, HypervisorError
 
 DEFAULT_URI = "qemu:///system"
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
+                      r"[0-9a-fA-F]{12}$")
 
 _handler_installed = False
 
@@ -42,14 +46,14 @@ class NodeIdentity:
     """Who the node is: hostname, libvirt host UUID and the URI used to reach it."""
 
     hostname: str
-    host_uuid: str
     uri: str
+    host_uuid: str | None = None  # only when asked for: libvirt can take seconds for it
 
     @property
     def name(self) -> str:
         return self.hostname
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, str | None]:
         return {"hostname": self.hostname, "host_uuid": self.host_uuid, "uri": self.uri}
 
 
@@ -68,20 +72,38 @@ class Hypervisor:
 
     @property
     def node(self) -> NodeIdentity:
+        """The node's hostname and URI (cheap)."""
         if self._node is None:
             try:
                 hostname = str(self.conn.getHostname())
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(f"cannot query node {self.uri}: {exc}") from exc
+            self._node = NodeIdentity(hostname=hostname, uri=self.uri)
+        return self._node
+
+    def identity(self) -> NodeIdentity:
+        """The node with its libvirt host UUID (``<host><uuid>`` of the capabilities).
+
+        Building the capabilities XML probes the host and can take seconds, so
+        only the inventory asks for it.
+        """
+        node = self.node
+        if node.host_uuid is None:
+            try:
                 caps = ET.fromstring(self.conn.getCapabilities())
             except libvirt.libvirtError as exc:
                 raise HypervisorError(f"cannot query node {self.uri}: {exc}") from exc
-            host_uuid = caps.findtext("host/uuid") or ""
-            self._node = NodeIdentity(hostname=hostname, host_uuid=host_uuid, uri=self.uri)
-        return self._node
+            node = NodeIdentity(node.hostname, node.uri, caps.findtext("host/uuid") or "")
+            self._node = node
+        return node
 
     def lookup(self, ref: str) -> Any:
         """The ``virDomain`` named ``ref`` (a name or a UUID)."""
         errors: list[str] = []
-        for finder in (self.conn.lookupByName, self.conn.lookupByUUIDString):
+        finders = [self.conn.lookupByName]
+        if _UUID_RE.match(ref):
+            finders.append(self.conn.lookupByUUIDString)
+        for finder in finders:
             try:
                 return finder(ref)
             except libvirt.libvirtError as exc:
