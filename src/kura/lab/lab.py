@@ -215,8 +215,9 @@ class Lab:
         self.progress("guest image (kernel + initramfs)")
         image = self.image()
         accel = probe_accel(image, cache_dir())
-        if accel == "kvm":
-            host.kvm_access()
+        # Even for TCG guests: libvirt re-probes QEMU's capabilities on every call
+        # (seconds each) when /dev/kvm exists but QEMU's user cannot open it.
+        host.kvm_access()
         with self._mutate() as st:
             st.accel = accel
             for i in range(len(st.nodes), nodes):

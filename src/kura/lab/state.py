@@ -158,6 +158,8 @@ def registry_dir() -> Path:
 
 def _address_free(address: str) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As libvirtd itself does: connections in TIME_WAIT do not block a new lab.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((address, LIBVIRTD_PORT))
         except OSError:
