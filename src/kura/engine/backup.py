@@ -218,7 +218,8 @@ def _run(hv: Hypervisor, repo: Repository, ref: str, options: BackupOptions, log
             with contextlib.ExitStack() as stack:
                 consistency, sources = offline.prepare(dom, info, stack, log)
                 result.consistency = consistency
-                _fill_meta(w, info, plan, node, consistency, None, None, log)
+                _fill_meta(w, info, plan, node, consistency, None, None, log,
+                           "the VM was off" if consistency == "offline" else "saved VM")
                 with log.phase("data"):
                     _read_disks(sources, info, plan, sizes, w, options, log, result)
                 with log.phase("finish"):
@@ -280,11 +281,13 @@ def _live(hv: Hypervisor, dom: Any, info: DomainInfo, plan: ChainPlan, sizes: di
                 log.info(f"guest thawed: frozen for {frozen:.3f}s "
                          f"({quiescer.filesystems} filesystems)")
             made = f"new checkpoint {new_cp}" if new_cp else "no checkpoint (no qcow2 disk)"
-            log.info(f"point-in-time view exported on {view.socket}; {made}")
+            log.info(f"point-in-time view exported on {view.socket}; {made}",
+                     socket=str(view.socket),
+                     exports={t: e.export for t, e in exports.items()})
             stored = checkpoints.stored_form(dom, new_cp, node.hostname) if new_cp else None
-        result.consistency = consistency
-        result.frozen_seconds = frozen
-        _fill_meta(w, info, plan, node, consistency, frozen, stored, log, note)
+            result.consistency = consistency
+            result.frozen_seconds = frozen
+            _fill_meta(w, info, plan, node, consistency, frozen, stored, log, note)
         with log.phase("data"):
             sources: list[tuple[str, NbdSource]] = []
             with contextlib.ExitStack() as stack:
