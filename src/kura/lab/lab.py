@@ -75,6 +75,7 @@ from kura.lab.verify import Verdict, verify_image
 from kura.lab.vm import LabVM
 
 DEFAULT_ROOT = Path("/var/lib/kura/lab")
+UEFI_MIN_MEMORY_MIB = 256
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
                   | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
@@ -117,7 +118,9 @@ class Lab:
         with locked(root / "lab.lock"):
             state = load_state(root)
             if state is None:
-                state = LabState(index=allocate_index(root, index))
+                # Index 0 is left to the default lab (`kura lab up`) when it is free.
+                first = 0 if root == default_root().absolute() else 1
+                state = LabState(index=allocate_index(root, index, start=first))
                 save_state(root, state)
             elif index is not None and index != state.index:
                 raise LabError(f"the lab at {root} has index {state.index}, not {index}")
@@ -342,9 +345,12 @@ class Lab:
 
         With ``start`` and ``wait`` (and an agent) this returns once the guest agent
         answers. ``workload`` starts the writer loop at boot (kernel command line).
+        UEFI guests get at least 256 MiB (OVMF plus the initramfs do not fit in 128).
         """
         if memory_mib < 96:
             raise LabError("lab guests need at least 96 MiB of memory")
+        if uefi:
+            memory_mib = max(memory_mib, UEFI_MIN_MEMORY_MIB)
         specs = tuple(disks)
         targets = validate_disks(specs)
         self.reload()
