@@ -71,6 +71,8 @@ class Agent:
         self._inventory_due = threading.Event()
         self._slots = threading.Semaphore(self.settings.max_tasks)
         self._workers: list[threading.Thread] = []
+        self._running: dict[int, TaskContext] = {}
+        self._silent = False
         self.fatal: KuraError | None = None
 
     # ---- main loop -----------------------------------------------------
@@ -107,7 +109,16 @@ class Agent:
                                  "--role agent), after removing the agent's state directory")
 
     def stop(self) -> None:
+        """Graceful stop: running tasks are told to end (cleanly) and report; no new work."""
+        for ctx in list(self._running.values()):
+            ctx.cancel_reason = "the agent is stopping"
+            ctx.cancel.set()
         self.stop_event.set()
+
+    def kill(self) -> None:
+        """Go silent at once, as if the process died (for tests of agent death)."""
+        self._silent = True
+        self.stop()
 
     def _report_loop(self) -> None:
         backoff = Backoff(self.settings.backoff_max)
@@ -155,10 +166,13 @@ class Agent:
                 pending.append(ev)
 
         ctx = TaskContext(task, emit)
+        self._running[task.id] = ctx
         done = threading.Event()
         last_contact = [time.monotonic()]
 
         def flush() -> None:
+            if self._silent:
+                return
             with lock:
                 batch = pending[:1000]
                 del pending[:len(batch)]
@@ -184,7 +198,10 @@ class Agent:
 
         ft = threading.Thread(target=flusher, name=f"kura-task-{task.id}-events", daemon=True)
         ft.start()
-        result = self._execute(ctx)
+        try:
+            result = self._execute(ctx)
+        finally:
+            self._running.pop(task.id, None)
         done.set()
         ft.join()
         if result.error is not None and result.error.kind == "MigratedError":
@@ -221,7 +238,7 @@ class Agent:
     def _send_result(self, task_id: int, result: schemas.TaskResult) -> None:
         backoff = Backoff(self.settings.backoff_max)
         give_up = time.monotonic() + max(self.settings.orphan_after, 5.0) * 5
-        while time.monotonic() < give_up:
+        while time.monotonic() < give_up and not self._silent:
             try:
                 answer = self.client.task_result(task_id, result)
                 log.info("task %d result sent: %s", task_id, answer)

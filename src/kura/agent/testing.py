@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kura.agent.loop import Agent, AgentSettings
 from kura.agent.runner import PHASES, TaskContext
 from kura.errors import DomainNotFound, GuestAgentError, Interrupted, KuraError, MigratedError
 from kura.server import schemas
@@ -139,3 +140,37 @@ class FakeRunner:
                 time.sleep(self.cluster.phase_seconds)
         return schemas.TaskResult(ok=True, kind="restore",
                                   data={"node": self.node, "snapshot": ctx.payload["snapshot"]})
+
+
+FAST = AgentSettings(heartbeat_interval=0.3, inventory_interval=0.5, poll_wait=2.0,
+                     backoff_max=1.0, orphan_after=3.0, flush_interval=0.2)
+
+
+class AgentThread:
+    """An :class:`Agent` running in a thread, as a test's stand-in for ``kura agent``."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="kura-test-agent", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.agent.run()
+        except BaseException as exc:
+            self.error = exc
+
+    def kill(self) -> None:
+        """Stop polling and reporting at once, as if the process died."""
+        self.agent.kill()
+        self.thread.join(timeout=10)
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out waiting for {what}")

@@ -35,14 +35,16 @@ def enrol(body: schemas.EnrolRequest, who: Enrolling, ctx: Ctx) -> schemas.Enrol
         tok.used = utcnow()
         cluster = who.cluster or "default"
         node = inventory.ensure_node(s, cluster, body.node)
-        old = s.scalars(select(Agent).where(Agent.node_id == node.id)).first()
-        if old is not None:  # re-enrolment replaces the node's previous credential
-            s.delete(old)
-            s.flush()
-        agent = Agent(id=secrets.token_hex(8), secret_hash=auth.hash_secret(secret),
-                      node_id=node.id, version=body.version, last_seen=utcnow())
+        agent = s.scalars(select(Agent).where(Agent.node_id == node.id)).first()
+        if agent is None:
+            agent = Agent(id=secrets.token_hex(8), node_id=node.id)
+            s.add(agent)
+        # Re-enrolment of a node replaces its credential; the old one stops working.
+        agent.secret_hash = auth.hash_secret(secret)
+        agent.version = body.version
+        agent.revoked = False
+        agent.enrolled = agent.last_seen = utcnow()
         node.uri = body.uri
-        s.add(agent)
         s.flush()
         return schemas.EnrolResponse(agent_id=agent.id, credential=f"kagent_{agent.id}_{secret}",
                                      cluster=cluster, node=node.name)

@@ -58,7 +58,7 @@ def start_server(state_dir: Path, *, port: int = 0, dead_after: float = 3.0,
     app = create_app(ctx)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, ssl_certfile=str(files.cert),
                             ssl_keyfile=str(files.key), log_level="warning",
-                            access_log=False, lifespan="on")
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="kura-test-server", daemon=True)
     thread.start()
