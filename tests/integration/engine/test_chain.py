@@ -21,11 +21,11 @@ from kura.repository import Repository
 pytestmark = pytest.mark.lab
 
 
-def test_full_then_incrementals_restore_each_point(elab: Lab, make_vm, repo: Repository,
+def test_full_then_incrementals_restore_each_point(lab: Lab, lab_vm, repo: Repository,
                                                    tmp_path: Path) -> None:
-    vm = make_vm(node="node-a", storage="shared", workload=True)
+    vm = lab_vm(node="node-a", storage="shared", workload=True)
     points = []
-    with node_of(elab, vm) as hv:
+    with node_of(lab, vm) as hv:
         for i in range(3):
             if i:
                 vm.write_pattern(i * (3 << 20), 1 << 20, 0x40 + i, disk="vda")
@@ -48,7 +48,7 @@ def test_full_then_incrementals_restore_each_point(elab: Lab, make_vm, repo: Rep
         restore_disk_file(repo, repo.get_snapshot(r.restore_point), "vda", out)
         assert filecmp.cmp(out, view, shallow=False), f"restore of {r.restore_point} differs"
     # Only the newest checkpoint is kept on the node.
-    with node_of(elab, vm) as hv:
+    with node_of(lab, vm) as hv:
         names = [c.getName() for c in hv.lookup(vm.name).listAllCheckpoints()]
     assert names == [f"kura-{chain[2].id}"]
 
@@ -65,11 +65,11 @@ def _agent_ping(dom: libvirt.virDomain, timeout: float = 90) -> None:
             time.sleep(0.5)
 
 
-def test_workload_backup_is_application_consistent_and_boots(elab: Lab, make_vm,
+def test_workload_backup_is_application_consistent_and_boots(lab: Lab, lab_vm,
                                                               repo: Repository,
                                                               tmp_path: Path) -> None:
-    vm = make_vm(node="node-a", storage="shared", workload=True)
-    with node_of(elab, vm) as hv:
+    vm = lab_vm(node="node-a", storage="shared", workload=True)
+    with node_of(lab, vm) as hv:
         backup_vm(hv, repo, vm.name, BackupOptions(consistency="require"))
         time.sleep(3)  # the workload keeps writing
         r = backup_vm(hv, repo, vm.name, BackupOptions(consistency="require"))
@@ -77,10 +77,10 @@ def test_workload_backup_is_application_consistent_and_boots(elab: Lab, make_vm,
         m = repo.get_snapshot(r.restore_point)
         assert m.consistency == "application" and m.meta["frozen_seconds"] is not None
         new = f"{vm.name}-r"
-        target = elab.shared_dir / "restored" / new  # QEMU's user must reach it
+        target = lab.shared_dir / "restored" / new  # QEMU's user must reach it
         res = restore_vm(hv, repo, m, RestoreOptions(new_name=new, target_dir=target))
         disk = Path(res.disks["vda"])
-        verdict = elab.verify_disk(disk, fmt="qcow2")
+        verdict = lab.verify_disk(disk, fmt="qcow2")
         assert verdict.ok and verdict.fsck_clean, verdict.errors
         assert verdict.files_checked > 0
         dom = hv.lookup(new)

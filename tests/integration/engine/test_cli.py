@@ -14,11 +14,11 @@ from kura.repository import Repository
 pytestmark = pytest.mark.lab
 
 
-def test_ls_backup_restore_commands(elab: Lab, make_vm, repo: Repository, tmp_path: Path,
+def test_ls_backup_restore_commands(lab: Lab, lab_vm, repo: Repository, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    vm = make_vm(node="node-b", storage="shared")
-    uri = elab.node("node-b").uri
+    vm = lab_vm(node="node-b", storage="shared")
+    uri = lab.node("node-b").uri
     monkeypatch.setenv("KURA_REPO", repo.location)
 
     assert main(["ls", "--connect", uri, "--json"]) == 0

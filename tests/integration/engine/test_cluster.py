@@ -17,12 +17,12 @@ from kura.repository import Repository
 pytestmark = pytest.mark.lab
 
 
-def _backup_checked(elab: Lab, vm: LabVM, repo: Repository, tmp_path: Path,
+def _backup_checked(lab: Lab, vm: LabVM, repo: Repository, tmp_path: Path,
                     n: int) -> BackupResult:
     """Back up on whichever node runs the VM; check the restore equals the view."""
     copier = ViewCopier(tmp_path)
     copier.n = n
-    with node_of(elab, vm) as hv:
+    with node_of(lab, vm) as hv:
         r = backup_vm(hv, repo, vm.name, BackupOptions(), [copier])
     assert r.ok, r.error
     assert r.node == vm.node
@@ -33,53 +33,53 @@ def _backup_checked(elab: Lab, vm: LabVM, repo: Repository, tmp_path: Path,
 
 
 def test_chain_survives_live_migration_quick_migration_and_cold_move(
-        elab: Lab, make_vm, repo: Repository, tmp_path: Path) -> None:
-    vm = make_vm(node="node-a", storage="shared", workload=True)
-    first = _backup_checked(elab, vm, repo, tmp_path, 1)
+        lab: Lab, lab_vm, repo: Repository, tmp_path: Path) -> None:
+    vm = lab_vm(node="node-a", storage="shared", workload=True)
+    first = _backup_checked(lab, vm, repo, tmp_path, 1)
     assert first.kind == "full" and first.node == "node-a"
 
-    elab.migrate(vm.name, "node-b")  # live migration
+    lab.migrate(vm.name, "node-b")  # live migration
     vm.write_pattern(0, 2 << 20, 0x61, disk="vda")
-    r = _backup_checked(elab, vm, repo, tmp_path, 2)
+    r = _backup_checked(lab, vm, repo, tmp_path, 2)
     assert r.kind == "incremental" and r.node == "node-b", r.reason
     assert any("redefined on node-b" in line for line in r.log)
 
-    elab.migrate(vm.name, "node-a", offline=True)  # save / restore on the other node
+    lab.migrate(vm.name, "node-a", offline=True)  # save / restore on the other node
     vm.wait_agent(60)
     vm.write_pattern(0, 2 << 20, 0x62, disk="vda")
-    r = _backup_checked(elab, vm, repo, tmp_path, 3)
+    r = _backup_checked(lab, vm, repo, tmp_path, 3)
     assert r.kind == "incremental" and r.node == "node-a", r.reason
 
     vm.shutdown()
-    elab.cold_move(vm.name, "node-b")
+    lab.cold_move(vm.name, "node-b")
     vm.start()
     vm.write_pattern(0, 2 << 20, 0x63, disk="vda")
-    r = _backup_checked(elab, vm, repo, tmp_path, 4)
+    r = _backup_checked(lab, vm, repo, tmp_path, 4)
     assert r.kind == "incremental" and r.node == "node-b", r.reason
     chain = repo.list_snapshots(vm.uuid)
     assert [m.sequence for m in chain] == [0, 1, 2, 3]
     assert [m.node for m in chain] == ["node-a", "node-b", "node-a", "node-b"]
 
 
-def test_node_local_vm_is_backed_up_on_its_node(elab: Lab, make_vm, repo: Repository,
+def test_node_local_vm_is_backed_up_on_its_node(lab: Lab, lab_vm, repo: Repository,
                                                 tmp_path: Path) -> None:
-    vm = make_vm(node="node-b", storage="local", workload=False)
-    with node_of(elab, vm) as hv:
+    vm = lab_vm(node="node-b", storage="local", workload=False)
+    with node_of(lab, vm) as hv:
         tree = describe_node(hv, with_uuid=False)
     entry = next(v for v in tree.to_dict()["vms"] if v["name"] == vm.name)
     assert entry["state"] == "running"
     assert entry["disks"][0]["storage"]["kind"] == "local"
     assert entry["disks"][0]["change_tracking"] is True
-    r = _backup_checked(elab, vm, repo, tmp_path, 1)
+    r = _backup_checked(lab, vm, repo, tmp_path, 1)
     assert r.node == "node-b"
     m = repo.get_snapshot(r.restore_point)
     assert m.disks[0].attrs["storage"] == "local"
 
 
-def test_lost_checkpoint_falls_back_to_full(elab: Lab, make_vm, repo: Repository,
+def test_lost_checkpoint_falls_back_to_full(lab: Lab, lab_vm, repo: Repository,
                                             tmp_path: Path) -> None:
-    vm = make_vm(node="node-a", storage="shared")
-    with node_of(elab, vm) as hv:
+    vm = lab_vm(node="node-a", storage="shared")
+    with node_of(lab, vm) as hv:
         first = backup_vm(hv, repo, vm.name, BackupOptions())
         # Someone deletes the checkpoint and its bitmap behind kura's back.
         hv.lookup(vm.name).checkpointLookupByName(f"kura-{first.restore_point}").delete(0)

@@ -21,12 +21,12 @@ from kura.repository import Repository
 pytestmark = pytest.mark.lab
 
 
-def test_uefi_vm_with_raw_disk_and_a_disk_added_mid_chain(elab: Lab, make_vm,
+def test_uefi_vm_with_raw_disk_and_a_disk_added_mid_chain(lab: Lab, lab_vm,
                                                           repo: Repository,
                                                           tmp_path: Path) -> None:
-    vm = make_vm(node="node-a", storage="shared", uefi=True,
+    vm = lab_vm(node="node-a", storage="shared", uefi=True,
                  disks=(DiskSpec(size="256M"), DiskSpec(size="64M", fmt="raw")))
-    with node_of(elab, vm) as hv:
+    with node_of(lab, vm) as hv:
         first = backup_vm(hv, repo, vm.name, BackupOptions())
         assert first.kind == "full" and {d.target for d in first.disks} == {"vda", "vdb"}
         m = repo.get_snapshot(first.restore_point)
@@ -70,7 +70,7 @@ def test_uefi_vm_with_raw_disk_and_a_disk_added_mid_chain(elab: Lab, make_vm,
             assert filecmp.cmp(out, copier.copies[target], shallow=False), target
 
         new = f"{vm.name}-r"
-        target_dir = elab.shared_dir / "restored" / new
+        target_dir = lab.shared_dir / "restored" / new
         res = restore_vm(hv, repo, m3, RestoreOptions(new_name=new, target_dir=target_dir))
         try:
             assert res.nvram is not None
@@ -86,8 +86,8 @@ def test_uefi_vm_with_raw_disk_and_a_disk_added_mid_chain(elab: Lab, make_vm,
             hv.lookup(new).undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
 
 
-def test_shut_off_and_saved_vms(elab: Lab, make_vm, repo: Repository, tmp_path: Path) -> None:
-    vm = make_vm(node="node-a", storage="shared", workload=True)
+def test_shut_off_and_saved_vms(lab: Lab, lab_vm, repo: Repository, tmp_path: Path) -> None:
+    vm = lab_vm(node="node-a", storage="shared", workload=True)
     vm.write_pattern(0, 1 << 20, 0x55, disk="vda")
     vm.shutdown()
     start_error: list[str] = []
@@ -100,7 +100,7 @@ def test_shut_off_and_saved_vms(elab: Lab, make_vm, repo: Repository, tmp_path: 
             except libvirt.libvirtError as exc:
                 start_error.append(str(exc))
 
-    with node_of(elab, vm) as hv:
+    with node_of(lab, vm) as hv:
         r = backup_vm(hv, repo, vm.name, BackupOptions(), [try_start])
         assert r.ok and r.kind == "full" and r.consistency == "offline"
         assert any("image lock" in line for line in r.log)
@@ -110,7 +110,7 @@ def test_shut_off_and_saved_vms(elab: Lab, make_vm, repo: Repository, tmp_path: 
         restore_disk_file(repo, repo.get_snapshot(r.restore_point), "vda", out)
         subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", str(out),
                         str(vm.disk_paths[0])], check=True, capture_output=True)
-        assert elab.verify_disk(out, fmt="raw").fsck_clean
+        assert lab.verify_disk(out, fmt="raw").fsck_clean
 
         vm.start()
         vm.domain().managedSave(0)

@@ -24,10 +24,10 @@ pytestmark = pytest.mark.lab
 
 
 def test_agent_absent_prefer_falls_back_require_fails_that_vm_only(
-        elab: Lab, make_vm, repo: Repository) -> None:
-    no_agent = make_vm(node="node-a", storage="shared", agent=False)
-    with_agent = make_vm(node="node-a", storage="shared")
-    with node_of(elab, no_agent) as hv:
+        lab: Lab, lab_vm, repo: Repository) -> None:
+    no_agent = lab_vm(node="node-a", storage="shared", agent=False)
+    with_agent = lab_vm(node="node-a", storage="shared")
+    with node_of(lab, no_agent) as hv:
         r = backup_vm(hv, repo, no_agent.name, BackupOptions(consistency="prefer"))
         assert r.ok and r.consistency == "crash"
         assert any("guest agent" in line and "crash-consistent" in line for line in r.log)
@@ -41,15 +41,15 @@ def test_agent_absent_prefer_falls_back_require_fails_that_vm_only(
     assert len(repo.list_snapshots(no_agent.uuid)) == 1  # the failed run left nothing
 
 
-def test_hung_agent_prefer_falls_back_require_fails(elab: Lab, make_vm,
+def test_hung_agent_prefer_falls_back_require_fails(lab: Lab, lab_vm,
                                                     repo: Repository) -> None:
-    vm = make_vm(node="node-a", storage="shared")
+    vm = lab_vm(node="node-a", storage="shared")
     # Stop qemu-ga inside the guest (asynchronously, so this call still gets its answer).
     vm.agent_command("guest-exec", {"path": "/bin/sh",
                                     "arg": ["-c", "sleep 1; kill -STOP $(pidof qemu-ga)"]})
     time.sleep(2.5)
     opts = {"agent_timeout": 3}
-    with node_of(elab, vm) as hv:
+    with node_of(lab, vm) as hv:
         t0 = time.monotonic()
         r = backup_vm(hv, repo, vm.name, BackupOptions(consistency="prefer", **opts))
         assert r.ok and r.consistency == "crash"
@@ -76,9 +76,9 @@ _KILLER = textwrap.dedent("""
 """)
 
 
-def _kill_backup(elab: Lab, vm: LabVM, repo: Repository, when: str) -> None:
+def _kill_backup(lab: Lab, vm: LabVM, repo: Repository, when: str) -> None:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[3] / "src"))
-    proc = subprocess.run([sys.executable, "-c", _KILLER, elab.node(vm.node).uri,
+    proc = subprocess.run([sys.executable, "-c", _KILLER, lab.node(vm.node).uri,
                            repo.location, vm.name, when], env=env, timeout=120,
                           capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
@@ -103,23 +103,23 @@ def _wait_clean(vm: LabVM, keep: set[str]) -> None:
         time.sleep(0.2)
 
 
-def test_sigkill_during_data_and_during_freeze_leaves_nothing(elab: Lab, make_vm,
+def test_sigkill_during_data_and_during_freeze_leaves_nothing(lab: Lab, lab_vm,
                                                               repo: Repository) -> None:
-    vm = make_vm(node="node-a", storage="shared", workload=True)
-    with node_of(elab, vm) as hv:
+    vm = lab_vm(node="node-a", storage="shared", workload=True)
+    with node_of(lab, vm) as hv:
         first = backup_vm(hv, repo, vm.name, BackupOptions())
     base = {f"kura-{first.restore_point}"}
 
-    _kill_backup(elab, vm, repo, "data")
+    _kill_backup(lab, vm, repo, "data")
     _wait_clean(vm, base)
     assert [m.id for m in repo.list_snapshots(vm.uuid)] == [first.restore_point]
 
-    _kill_backup(elab, vm, repo, "frozen")
+    _kill_backup(lab, vm, repo, "frozen")
     _wait_clean(vm, base)  # the guard thawed the guest
     _running, seq1 = vm.workload_status()
     time.sleep(1.5)
     assert vm.workload_status()[1] > seq1  # the guest writes again
 
-    with node_of(elab, vm) as hv:
+    with node_of(lab, vm) as hv:
         r = backup_vm(hv, repo, vm.name, BackupOptions())
     assert r.ok and r.kind == "incremental" and r.parent == first.restore_point
