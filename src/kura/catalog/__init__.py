@@ -10,6 +10,7 @@ and :mod:`kura.catalog.db` for how it is opened.
 from kura.catalog.db import DEFAULT_CATALOG, Catalog, catalog_url, redact_url
 from kura.catalog.models import (
     Agent,
+    BackupSession,
     Base,
     Cluster,
     Disk,
@@ -27,6 +28,7 @@ from kura.catalog.models import (
 __all__ = [
     "DEFAULT_CATALOG",
     "Agent",
+    "BackupSession",
     "Base",
     "Catalog",
     "Cluster",

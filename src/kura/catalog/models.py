@@ -227,3 +227,17 @@ class LogLine(Base):
     ts: Mapped[datetime] = mapped_column(default=utcnow)
     level: Mapped[str] = mapped_column(String(8), default="info")
     message: Mapped[str] = mapped_column(Text)
+
+
+class BackupSession(Base):
+    """A remote data-path session (see kura.server.sessions): kept so that a server
+    restart can clean up the lock and writer registration an aborted session left."""
+
+    __tablename__ = "backup_sessions"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(32))
+    task_id: Mapped[int] = mapped_column(Integer)
+    vm_uuid: Mapped[str] = mapped_column(String(36))
+    kind: Mapped[str] = mapped_column(String(16))
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    objects: Mapped[list[Any]] = mapped_column(default=list)  # locks/writers it created

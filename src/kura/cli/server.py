@@ -74,7 +74,7 @@ def remote_enabled(ctx: click.Context | None = None) -> bool:
 
 # ---- the server itself ----------------------------------------------------
 
-def _open_storage(location: str, create: bool) -> RepositoryStorage:
+def _open_repo(location: str, create: bool) -> Repository:
     st = state()
     try:
         needs = Repository.needs_passphrase(location)
@@ -84,7 +84,7 @@ def _open_storage(location: str, create: bool) -> RepositoryStorage:
             raise
         repo = Repository.init(location, passphrase=read_passphrase(st, confirm=True))
         log.warning("created a new repository at %s", location)
-    return RepositoryStorage(repo)
+    return repo
 
 
 @click.group("server", invoke_without_command=True)
@@ -127,7 +127,8 @@ def server(ctx: click.Context, listen: str, state_dir: Path, catalog: str | None
     cfg = ServerConfig(listen=listen, state_dir=state_dir, catalog=catalog, tls_cert=tls_cert,
                        tls_key=tls_key, tls_ca=tls_ca, dead_after=dead_after,
                        extra_names=names)
-    storage = _open_storage(repo_opt or st.repo_location, create=True)
+    repo = _open_repo(repo_opt or st.repo_location, create=True)
+    storage = RepositoryStorage(repo)
 
     def checks() -> list[dict[str, Any]]:
         free = storage.free_bytes()
@@ -138,7 +139,7 @@ def server(ctx: click.Context, listen: str, state_dir: Path, catalog: str | None
                         "detail": f"{human_bytes(free)} free in {storage.location}"})
         return out
 
-    context, files = build_context(cfg, storage, checks)
+    context, files = build_context(cfg, repo, checks)
     console.print(f"kura server: https://{listen}  CA fingerprint {context.ca_fingerprint}",
                   highlight=False)
     serve(cfg, context, files)

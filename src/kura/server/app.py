@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from kura import __version__
 from kura.errors import AuthError, KuraError
-from kura.server import api_agent, api_user
+from kura.server import api_agent, api_session, api_user
 from kura.server.deps import ServerContext, Who
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 def create_app(ctx: ServerContext, *, run_engine: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if ctx.sessions is not None:
+            ctx.sessions.recover()
+            ctx.engine.on_tick.append(ctx.sessions.sweep)
         if run_engine:
             ctx.engine.start()
         try:
@@ -46,6 +49,7 @@ def create_app(ctx: ServerContext, *, run_engine: bool = True) -> FastAPI:
     app.state.kura = ctx
     app.include_router(api_user.router)
     app.include_router(api_agent.router)
+    app.include_router(api_session.router)
 
     @app.get("/api/ca", tags=["auth"], response_class=Response,
              responses={200: {"content": {"application/x-pem-file": {}}}})

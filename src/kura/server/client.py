@@ -77,9 +77,13 @@ class ServerClient:
         self.close()
 
     def request(self, method: str, path: str, *, json: Any = None,
-                params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+                params: dict[str, Any] | None = None, timeout: float | None = None,
+                content: bytes | None = None) -> Any:
         try:
             kwargs: dict[str, Any] = {"json": json, "params": params}
+            if content is not None:
+                kwargs["content"] = content
+                kwargs["headers"] = {"Content-Type": "application/octet-stream"}
             if timeout is not None:
                 kwargs["timeout"] = timeout
             r = self._http.request(method, path, **kwargs)

@@ -21,6 +21,7 @@ from kura.catalog import Catalog
 from kura.errors import AuthError
 from kura.server import auth
 from kura.server.engine import JobEngine
+from kura.server.sessions import SessionManager
 from kura.server.storage import Storage
 
 
@@ -32,6 +33,7 @@ class ServerContext:
     ca_pem: bytes
     ca_fingerprint: str
     dead_after: float
+    sessions: SessionManager | None = None
 
 
 bearer = HTTPBearer(auto_error=False, description="A kura API token or agent credential")

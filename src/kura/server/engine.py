@@ -84,6 +84,7 @@ class JobEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._instances: dict[str, str] = {}
+        self.on_tick: list[Callable[[], object]] = []  # e.g. the data path's session sweep
 
     # ---- lifecycle -----------------------------------------------------
 
@@ -190,6 +191,11 @@ class JobEngine:
                     step(s, now)
             except Exception:
                 log.exception("job engine step %s failed", step.__name__)
+        for hook in list(self.on_tick):
+            try:
+                hook()
+            except Exception:
+                log.exception("job engine hook %r failed", hook)
 
     def _schedule(self, s: Session, now: datetime) -> None:
         for job in s.scalars(select(Job).where(Job.next_run.is_not(None), Job.next_run <= now)):

@@ -333,3 +333,49 @@ class Message(BaseModel):
 
 
 JobOut.model_rebuild()
+
+
+# ---- remote data path -----------------------------------------------------
+
+ObjectName = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class SessionBegin(Strict):
+    task_id: Annotated[int, Field(ge=1, le=2**62)]
+
+
+class SessionOpened(BaseModel):
+    session_id: str
+    master_key: str  # base64; see the threat model in docs/design.md
+    config: str      # base64 of the repository's config object
+    location: str
+
+
+class ObjectRef(Strict):
+    name: ObjectName
+
+
+class RenameRequest(Strict):
+    src: ObjectName
+    dst: ObjectName
+
+
+class SyncRequest(Strict):
+    names: Annotated[list[ObjectName], Field(max_length=100_000)]
+
+
+class Found(BaseModel):
+    found: bool
+
+
+class StatOut(BaseModel):
+    mtime: float
+    size: int
+
+
+class Names(BaseModel):
+    names: list[str]
+
+
+class SessionEnded(BaseModel):
+    committed: bool

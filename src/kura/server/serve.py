@@ -17,11 +17,13 @@ import uvicorn
 
 from kura.catalog import Catalog
 from kura.errors import UsageError
+from kura.repository import Repository
 from kura.server import tls
 from kura.server.app import create_app
 from kura.server.deps import ServerContext
 from kura.server.engine import EngineSettings, JobEngine
-from kura.server.storage import Storage
+from kura.server.repo_storage import RepositoryStorage
+from kura.server.sessions import SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +64,20 @@ def tls_files(cfg: ServerConfig) -> tls.TlsFiles:
     return tls.ensure_tls(cfg.state_dir, [host, *cfg.extra_names])
 
 
-def build_context(cfg: ServerConfig, storage: Storage | None,
+def build_context(cfg: ServerConfig, repo: Repository | None,
                   server_checks: Callable[[], list[dict[str, Any]]] | None = None,
                   ) -> tuple[ServerContext, tls.TlsFiles]:
+    """Open everything a server needs; ``repo`` None runs without a repository."""
     files = tls_files(cfg)
     catalog = Catalog.open(cfg.catalog_location)
+    storage = RepositoryStorage(repo) if repo is not None else None
+    sessions = SessionManager(catalog, repo) if repo is not None else None
     engine = JobEngine(catalog, EngineSettings(dead_after=cfg.dead_after), storage=storage,
                        server_checks=server_checks)
     ca_pem = files.ca.read_bytes()
     ctx = ServerContext(catalog=catalog, engine=engine, storage=storage, ca_pem=ca_pem,
-                        ca_fingerprint=tls.fingerprint(ca_pem), dead_after=cfg.dead_after)
+                        ca_fingerprint=tls.fingerprint(ca_pem), dead_after=cfg.dead_after,
+                        sessions=sessions)
     return ctx, files
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import uvicorn
 
+from kura.repository import Repository
 from kura.server import auth
 from kura.server.app import create_app
 from kura.server.client import ServerClient
 from kura.server.deps import ServerContext
 from kura.server.serve import ServerConfig, build_context
-from kura.server.storage import Storage
 from kura.server.tls import TlsFiles
 
 
@@ -52,9 +52,9 @@ class RunningServer:
 
 
 def start_server(state_dir: Path, *, port: int = 0, dead_after: float = 3.0,
-                 storage: Storage | None = None) -> RunningServer:
+                 repo: Repository | None = None) -> RunningServer:
     cfg = ServerConfig(listen=f"127.0.0.1:{port}", state_dir=state_dir, dead_after=dead_after)
-    ctx, files = build_context(cfg, storage)
+    ctx, files = build_context(cfg, repo)
     app = create_app(ctx)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, ssl_certfile=str(files.cert),
                             ssl_keyfile=str(files.key), log_level="warning",

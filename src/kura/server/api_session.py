@@ -1,0 +1,140 @@
+"""Endpoints of the remote data path (see :mod:`kura.server.sessions`).
+
+Object bodies travel as raw ``application/octet-stream``; everything else is
+JSON. Errors: 403 for what the session may not do, 404 for a missing object,
+507 when the repository's storage is full, 409 for other repository errors.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from kura.errors import KuraError, StorageFull, UsageError
+from kura.repository import ObjectNotFound
+from kura.server import schemas
+from kura.server.deps import AgentP, Ctx
+from kura.server.sessions import Refused, Session, SessionManager
+
+router = APIRouter(prefix="/api/agent/sessions", tags=["data path"])
+Sid = Annotated[str, Path(min_length=1, max_length=64)]
+Name = Annotated[str, Path(min_length=1, max_length=512)]
+MAX_BODY = 64 << 20
+T = TypeVar("T")
+
+
+def _manager(ctx: Ctx) -> SessionManager:
+    if ctx.sessions is None:
+        raise HTTPException(409, "this server has no repository attached")
+    return ctx.sessions
+
+
+def _call(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except Refused as exc:
+        raise HTTPException(403, str(exc)) from exc
+    except ObjectNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except StorageFull as exc:
+        raise HTTPException(507, str(exc)) from exc
+    except UsageError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    except KuraError as exc:
+        raise HTTPException(409, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _session(ctx: Ctx, who: AgentP, sid: str) -> tuple[SessionManager, Session]:
+    mgr = _manager(ctx)
+    return mgr, _call(lambda: mgr.get(who.id, sid))
+
+
+@router.post("", response_model=schemas.SessionOpened)
+def begin(body: schemas.SessionBegin, who: AgentP, ctx: Ctx) -> schemas.SessionOpened:
+    """Open a session for a dispatched backup or restore task."""
+    mgr = _manager(ctx)
+    sess, key = _call(lambda: mgr.begin(who.id, body.task_id))
+    config = _call(lambda: mgr.backend.read("config"))
+    return schemas.SessionOpened(session_id=sess.id, master_key=base64.b64encode(key).decode(),
+                                 config=base64.b64encode(config).decode(),
+                                 location=f"kura-server:{mgr.repo.id}")
+
+
+@router.get("/{sid}/objects/{name:path}", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def read_object(sid: Sid, name: Name, who: AgentP, ctx: Ctx) -> Response:
+    mgr, sess = _session(ctx, who, sid)
+    return Response(_call(lambda: mgr.read(sess, name)), media_type="application/octet-stream")
+
+
+@router.put("/{sid}/objects/{name:path}", response_model=schemas.Found)
+async def write_object(sid: Sid, name: Name, request: Request, who: AgentP, ctx: Ctx,
+                       create: Annotated[bool, Query()] = False) -> schemas.Found:
+    """Store an object (``create=true``: only if absent; found=False when it existed)."""
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise HTTPException(413, f"object larger than {MAX_BODY} bytes")
+
+    def work() -> bool:
+        mgr, sess = _session(ctx, who, sid)
+        return _call(lambda: mgr.write(sess, name, body, create=create))
+    return schemas.Found(found=await run_in_threadpool(work))
+
+
+@router.delete("/{sid}/objects/{name:path}", response_model=schemas.Message)
+def delete_object(sid: Sid, name: Name, who: AgentP, ctx: Ctx) -> schemas.Message:
+    mgr, sess = _session(ctx, who, sid)
+    _call(lambda: mgr.delete(sess, name))
+    return schemas.Message(message="deleted")
+
+
+@router.post("/{sid}/exists", response_model=schemas.Found)
+def exists(sid: Sid, body: schemas.ObjectRef, who: AgentP, ctx: Ctx) -> schemas.Found:
+    mgr, sess = _session(ctx, who, sid)
+    return schemas.Found(found=_call(lambda: mgr.exists(sess, body.name)))
+
+
+@router.post("/{sid}/touch", response_model=schemas.Found)
+def touch(sid: Sid, body: schemas.ObjectRef, who: AgentP, ctx: Ctx) -> schemas.Found:
+    """Mark an object in use; found=False when it does not exist (then upload it)."""
+    mgr, sess = _session(ctx, who, sid)
+    return schemas.Found(found=_call(lambda: mgr.touch(sess, body.name)))
+
+
+@router.post("/{sid}/stat", response_model=schemas.StatOut)
+def stat(sid: Sid, body: schemas.ObjectRef, who: AgentP, ctx: Ctx) -> schemas.StatOut:
+    mgr, sess = _session(ctx, who, sid)
+    st = _call(lambda: mgr.stat(sess, body.name))
+    return schemas.StatOut(mtime=st.mtime, size=st.size)
+
+
+@router.get("/{sid}/list", response_model=schemas.Names)
+def list_objects(sid: Sid, who: AgentP, ctx: Ctx,
+                 prefix: Annotated[str, Query(max_length=512)] = "") -> schemas.Names:
+    mgr, sess = _session(ctx, who, sid)
+    return schemas.Names(names=_call(lambda: mgr.names(sess, prefix)))
+
+
+@router.post("/{sid}/rename", response_model=schemas.Message)
+def rename(sid: Sid, body: schemas.RenameRequest, who: AgentP, ctx: Ctx) -> schemas.Message:
+    mgr, sess = _session(ctx, who, sid)
+    _call(lambda: mgr.rename(sess, body.src, body.dst))
+    return schemas.Message(message="renamed")
+
+
+@router.post("/{sid}/sync", response_model=schemas.Message)
+def sync(sid: Sid, body: schemas.SyncRequest, who: AgentP, ctx: Ctx) -> schemas.Message:
+    mgr, sess = _session(ctx, who, sid)
+    _call(lambda: mgr.sync(sess, body.names))
+    return schemas.Message(message="synced")
+
+
+@router.post("/{sid}/end", response_model=schemas.SessionEnded)
+def end(sid: Sid, who: AgentP, ctx: Ctx) -> schemas.SessionEnded:
+    """Close the session; without a committed manifest it is aborted (no restore point)."""
+    mgr = _manager(ctx)
+    return schemas.SessionEnded(committed=_call(lambda: mgr.end(who.id, sid)))

@@ -1,0 +1,380 @@
+"""The remote data path: agents write restore points through the server.
+
+An agent backs up with the node engine exactly as standalone kura does, but
+its repository's *backend* is remote (:mod:`kura.agent.remote`): every object
+operation is a request to a **session** here, which applies it to the
+server's own repository backend after checking it. The agent hashes,
+compresses and encrypts (it receives the repository's master key at session
+start, over the authenticated TLS channel); the server stores blobs and
+decides what may become a restore point.
+
+A session is opened for one task the server dispatched to that agent (a backup
+or a restore of one VM), so an agent can only write restore points of VMs of
+its own cluster that the server asked it to back up. What a session may do:
+
+* read ``config``, the VM's own restore points (``snapshots/``, ``indexes/``,
+  ``notes/``: listings are filtered to that VM) and lock/writer registrations;
+  a restore session may also read chunks;
+* write chunks (each id is remembered as *uploaded*), ``touch`` chunks (an id
+  that exists is remembered as *present*; this is how only chunks the
+  repository lacks are sent), write the indexes and notes of the one new
+  restore point, its writer registration and the VM's source lock;
+* write the **manifest** last. The server opens it and every index it names
+  with its own key, and accepts it only if the source is the session's VM,
+  the parent is that VM's restore point, and every chunk id referenced was
+  uploaded or found present in this session, or is in the parent's indexes
+  (PBS's rule: the server does not blindly trust a client). Then it writes the
+  manifest: that is the commit.
+
+A session that ends without a manifest (the agent reports failure, its task is
+cancelled, its connection drops and it stays silent for ``idle_timeout``, or
+the server restarts) is aborted: the lock and writer registration it created
+are removed, so the VM's next backup is not blocked. Its chunks and indexes
+are garbage for GC, never a restore point. Sessions are persisted in the
+catalog only for that clean-up.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+
+from kura.catalog import Agent, BackupSession, Catalog, RunVm, Task, Vm
+from kura.errors import IntegrityError, KuraError, ServerError
+from kura.repository import ZERO_CHUNK, Manifest, ObjectNotFound, ObjectStat, Repository
+from kura.repository.locks import source_lock_name
+
+log = logging.getLogger(__name__)
+
+_CHUNK = re.compile(r"^chunks/[0-9a-f]{2}/([0-9a-f]{64})$")
+_SNAP = re.compile(r"^(?:snapshots/([^/]+)\.manifest|notes/([^/]+)\.json|indexes/([^/]+)/[^/]+)$")
+_WRITER = re.compile(r"^writers/[0-9A-Za-z_-]+\.json$")
+_BROKEN = re.compile(r"^locks/broken-[0-9a-f]+$")
+
+
+class Refused(ServerError):
+    """The session may not do this (HTTP 403)."""
+
+
+@dataclass
+class Session:
+    id: str
+    agent_id: str
+    task_id: int
+    vm_uuid: str
+    kind: str  # backup | restore
+    visible: set[str]             # restore point ids of this VM the agent may read
+    parent_ids: set[bytes] | None = None
+    snapshot: str | None = None   # the new restore point's id, once seen
+    uploaded: set[bytes] = field(default_factory=set)
+    present: set[bytes] = field(default_factory=set)
+    created: set[str] = field(default_factory=set)   # lock/writer objects it made
+    committed: bool = False
+    touched: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SessionManager:
+    def __init__(self, catalog: Catalog, repo: Repository, *, idle_timeout: float = 60.0) -> None:
+        self.catalog = catalog
+        self.repo = repo
+        self.backend = repo.store.backend
+        self.idle_timeout = idle_timeout
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    # ---- lifecycle -----------------------------------------------------
+
+    def recover(self) -> int:
+        """Clean up after sessions a previous server process left open."""
+        with self.catalog.session() as s:
+            rows = list(s.scalars(select(BackupSession)))
+            for row in rows:
+                self._remove_objects([str(o) for o in row.objects])
+                s.delete(row)
+        return len(rows)
+
+    def begin(self, agent_id: str, task_id: int) -> tuple[Session, bytes]:
+        """Open a session for a task the server sent this agent; returns it and the key."""
+        with self.catalog.session() as s:
+            task = s.get(Task, task_id)
+            if task is None or task.agent_id != agent_id:
+                raise Refused(f"task {task_id} is not this agent's")
+            if task.state != "sent":
+                raise Refused(f"task {task_id} is {task.state}; nothing may be written for it")
+            if task.kind not in ("backup", "restore"):
+                raise Refused(f"task {task_id} is a {task.kind}; it has no data path")
+            rv = s.get(RunVm, task.run_vm_id) if task.run_vm_id else None
+            if rv is None:
+                raise Refused(f"task {task_id} names no VM")
+            agent = s.get_one(Agent, agent_id)
+            vm = s.get(Vm, rv.vm_uuid)
+            if task.kind == "backup" and (vm is None or
+                                          vm.cluster_id != agent.node.cluster_id):
+                raise Refused(f"VM {rv.vm_name} is not in this agent's cluster")
+            vm_uuid = rv.vm_uuid
+            row = BackupSession(id=secrets.token_hex(12), agent_id=agent_id, task_id=task_id,
+                                vm_uuid=vm_uuid, kind=task.kind)
+            s.add(row)
+            sid = row.id
+            kind = task.kind
+            wanted = str(task.payload.get("snapshot", ""))
+        snaps = self.repo.list_snapshots(vm_uuid) if kind == "backup" else []
+        visible = {m.id for m in snaps}
+        if kind == "restore" and wanted:
+            visible.add(self.repo.get_snapshot(wanted).id)
+        sess = Session(id=sid, agent_id=agent_id, task_id=task_id, vm_uuid=vm_uuid, kind=kind,
+                       visible=visible)
+        with self._lock:
+            self._sessions[sid] = sess
+        return sess, self.repo.store.master.to_bytes()
+
+    def get(self, agent_id: str, sid: str) -> Session:
+        with self._lock:
+            sess = self._sessions.get(sid)
+        if sess is None or sess.agent_id != agent_id:
+            raise Refused(f"no open session {sid} for this agent (aborted or never opened)")
+        sess.touched = time.monotonic()
+        return sess
+
+    def end(self, agent_id: str, sid: str) -> bool:
+        """Close a session; returns True if it committed a restore point."""
+        sess = self.get(agent_id, sid)
+        committed = sess.committed
+        self._close(sess, "ended by the agent before commit" if not committed else "")
+        return committed
+
+    def sweep(self) -> list[str]:
+        """Abort sessions idle too long or whose task is over; returns their ids."""
+        now = time.monotonic()
+        with self._lock:
+            sessions = list(self._sessions.values())
+        out = []
+        for sess in sessions:
+            idle = now - sess.touched > self.idle_timeout
+            gone = False
+            if not idle:
+                with self.catalog.session() as s:
+                    task = s.get(Task, sess.task_id)
+                    gone = task is None or task.state != "sent"
+            if idle or gone:
+                why = "agent silent" if idle else "its task is over"
+                self._close(sess, why)
+                out.append(sess.id)
+        return out
+
+    def _close(self, sess: Session, why: str) -> None:
+        with self._lock:
+            self._sessions.pop(sess.id, None)
+        if not sess.committed:
+            log.warning("session %s (VM %s) aborted: %s; no restore point", sess.id,
+                        sess.vm_uuid, why)
+            self._remove_objects(sorted(sess.created))
+        with self.catalog.session() as s:
+            row = s.get(BackupSession, sess.id)
+            if row is not None:
+                s.delete(row)
+
+    def _remove_objects(self, names: list[str]) -> None:
+        """Delete a dead session's registrations, and its lock if it still holds it."""
+        writers = set()
+        for name in names:
+            if name.startswith("writers/"):
+                writers.add(name.rsplit("/", 1)[-1].removesuffix(".json"))
+        for name in names:
+            try:
+                if name.startswith("locks/"):
+                    holder = json.loads(self.backend.read(name))
+                    if holder.get("writer") not in writers:
+                        continue  # somebody else holds it now
+                self.backend.delete(name)
+            except (ObjectNotFound, ValueError):
+                continue
+            except KuraError as exc:
+                log.warning("cannot remove %s of an aborted session: %s", name, exc)
+
+    def _persist_created(self, sess: Session) -> None:
+        with self.catalog.session() as s:
+            row = s.get(BackupSession, sess.id)
+            if row is not None:
+                row.objects = sorted(sess.created)
+
+    # ---- permissions ---------------------------------------------------
+
+    def _snapshot_of(self, name: str) -> str | None:
+        m = _SNAP.match(name)
+        if m is None:
+            return None
+        return next(g for g in m.groups() if g is not None)
+
+    def _may_read(self, sess: Session, name: str) -> None:
+        if name == "config" or name.startswith(("locks/", "writers/")):
+            return
+        sid = self._snapshot_of(name)
+        if sid is not None and (sid in sess.visible or sid == sess.snapshot):
+            return
+        if sess.kind == "restore" and _CHUNK.match(name):
+            return
+        raise Refused(f"this session may not read {name}")
+
+    def _claim_snapshot(self, sess: Session, sid: str) -> None:
+        if sess.snapshot is None:
+            if sid in sess.visible or self.backend.exists(f"snapshots/{sid}.manifest"):
+                raise Refused(f"restore point {sid} exists already")
+            sess.snapshot = sid
+        elif sess.snapshot != sid:
+            raise Refused(f"this session writes restore point {sess.snapshot}, not {sid}")
+
+    # ---- object operations ---------------------------------------------
+
+    def read(self, sess: Session, name: str) -> bytes:
+        self._may_read(sess, name)
+        return self.backend.read(name)
+
+    def stat(self, sess: Session, name: str) -> ObjectStat:
+        self._may_read(sess, name)
+        return self.backend.stat(name)
+
+    def exists(self, sess: Session, name: str) -> bool:
+        if _CHUNK.match(name):
+            return self.touch(sess, name)
+        self._may_read(sess, name)
+        return self.backend.exists(name)
+
+    def names(self, sess: Session, prefix: str) -> list[str]:
+        prefix = prefix.strip("/")
+        if prefix in ("locks", "writers"):
+            return list(self.backend.list(prefix))
+        if prefix in ("snapshots", "indexes", "notes"):
+            return [n for n in self.backend.list(prefix)
+                    if (self._snapshot_of(n) or "") in sess.visible]
+        raise Refused(f"this session may not list {prefix or 'the repository'}")
+
+    def touch(self, sess: Session, name: str) -> bool:
+        m = _CHUNK.match(name)
+        if m is not None:
+            found = self.backend.touch(name)
+            if found:
+                with sess.lock:
+                    sess.present.add(bytes.fromhex(m.group(1)))
+            return found
+        if name in sess.created:
+            return self.backend.touch(name)
+        self._may_read(sess, name)
+        return self.backend.exists(name)
+
+    def write(self, sess: Session, name: str, data: bytes, *, create: bool) -> bool:
+        if sess.kind != "backup":
+            raise Refused("a restore session writes nothing to the repository")
+        m = _CHUNK.match(name)
+        if m is not None:
+            self.backend.write(name, data, sync_dir=False)
+            with sess.lock:
+                sess.uploaded.add(bytes.fromhex(m.group(1)))
+            return True
+        if _WRITER.match(name) or name == source_lock_name(sess.vm_uuid):
+            done = True
+            if create:
+                done = self.backend.create(name, data)
+            else:
+                self.backend.write(name, data)
+            if done:
+                sess.created.add(name)
+                self._persist_created(sess)
+            return done
+        sid = self._snapshot_of(name)
+        if sid is None:
+            raise Refused(f"this session may not write {name}")
+        self._claim_snapshot(sess, sid)
+        if name.startswith("snapshots/"):
+            self._commit(sess, sid, data)
+            return True
+        if create:
+            return self.backend.create(name, data)
+        self.backend.write(name, data)
+        return True
+
+    def delete(self, sess: Session, name: str) -> None:
+        if name in sess.created or _BROKEN.match(name):
+            self.backend.delete(name)
+            sess.created.discard(name)
+            return
+        sid = self._snapshot_of(name)
+        if sid is not None and sid == sess.snapshot and not sess.committed:
+            self.backend.delete(name)
+            return
+        raise Refused(f"this session may not delete {name}")
+
+    def rename(self, sess: Session, src: str, dst: str) -> None:
+        lock = source_lock_name(sess.vm_uuid)
+        if (src == lock and _BROKEN.match(dst)) or (_BROKEN.match(src) and dst == lock):
+            self.backend.rename(src, dst)
+            return
+        raise Refused(f"this session may not rename {src}")
+
+    def sync(self, sess: Session, names: list[str]) -> None:
+        self.backend.sync_dirs([n for n in names if n.startswith("chunks/")])
+
+    # ---- commit --------------------------------------------------------
+
+    def _commit(self, sess: Session, sid: str, blob: bytes) -> None:
+        store = self.repo.store
+        name = f"snapshots/{sid}.manifest"
+        what = f"restore point {sid} sent by an agent"
+        try:
+            manifest = Manifest.from_json(store.open_object(name, blob), what)
+        except KuraError as exc:
+            raise Refused(f"{what}: the manifest does not open with the repository key: "
+                          f"{exc}") from exc
+        if manifest.id != sid or manifest.repository != self.repo.id:
+            raise Refused(f"{what}: names another restore point or repository")
+        if manifest.source.key != sess.vm_uuid:
+            raise Refused(f"{what}: is for source {manifest.source.key}, but this session "
+                          f"backs up VM {sess.vm_uuid}")
+        allowed = self._parent_ids(sess, manifest)
+        with sess.lock:
+            allowed = allowed | sess.uploaded | sess.present | {ZERO_CHUNK}
+        bad: list[str] = []
+        for disk in manifest.disks:
+            try:
+                index = store.read_index(manifest, disk)
+            except IntegrityError as exc:
+                raise Refused(f"{what}: {exc}") from exc
+            bad += [c.hex() for c in index.ids if c not in allowed][:3]
+        for cfg in manifest.configs.values():
+            bad += [c.hex() for c in cfg.chunks if c not in allowed][:3]
+        if bad:
+            raise Refused(f"{what}: refers to chunks it neither uploaded nor inherited from its "
+                          f"parent ({', '.join(x[:16] for x in bad[:3])}...); refused")
+        store.backend.write(name, blob)
+        sess.committed = True
+        log.info("restore point %s of VM %s committed by agent %s", sid, sess.vm_uuid,
+                 sess.agent_id)
+
+    def _parent_ids(self, sess: Session, manifest: Manifest) -> set[bytes]:
+        if manifest.parent is None:
+            return set()
+        if manifest.parent not in sess.visible:
+            raise Refused(f"restore point {manifest.id}: its parent {manifest.parent} is not "
+                          f"a restore point of this VM")
+        if sess.parent_ids is None:
+            parent = self.repo.get_snapshot(manifest.parent)
+            ids: set[bytes] = set()
+            for disk in parent.disks:
+                ids.update(self.repo.store.read_index(parent, disk).ids)
+            for cfg in parent.configs.values():
+                ids.update(cfg.chunks)
+            sess.parent_ids = ids
+        return sess.parent_ids
+
+
+def key_b64(master: bytes) -> str:
+    return base64.b64encode(master).decode()

@@ -1,0 +1,179 @@
+"""The remote data path: agents write restore points through server sessions."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kura.agent.enrol import enrol
+from kura.agent.loop import Agent
+from kura.agent.remote import RemoteBackend, open_session
+from kura.agent.runner import TaskContext
+from kura.agent.testing import FAST, AgentThread, FakeCluster, FakeRunner, wait_for
+from kura.errors import RepositoryError
+from kura.repository import DiskEntry, Manifest, Repository, SourceRef
+from kura.repository.index import DiskIndex
+from kura.server import schemas
+from kura.server.client import ServerClient
+from kura.server.testing import RunningServer, start_server
+
+CHUNK = 64 << 10
+
+
+class RepoRunner(FakeRunner):
+    """Backs up a VM's (in-memory) disk through the server with the repository writer."""
+
+    def __init__(self, cluster: FakeCluster, node: str, client: ServerClient,
+                 disks: dict[str, bytearray], mode: str = "ok") -> None:
+        super().__init__(cluster, node)
+        self.client = client
+        self.disks = disks
+        self.mode = mode
+        self.dirty: dict[str, set[int]] = {}
+        self.forge: tuple[Manifest, DiskEntry, list[bytes]] | None = None
+
+    def backup(self, ctx: TaskContext) -> schemas.TaskResult:
+        uuid, name = ctx.payload["vm_uuid"], ctx.payload["vm_name"]
+        data = self.disks[name]
+        sess = open_session(self.client, ctx.task.id)
+        repo = sess.repo
+        parent = repo.latest(uuid)
+        w = repo.begin_snapshot(SourceRef("vm", uuid, name), node=self.node, parent=parent,
+                                kind="incremental" if parent else "full")
+        if self.mode == "forge" and self.forge is not None:
+            # Hand-craft a restore point whose index names another VM's chunks.
+            victim, entry, ids = self.forge
+            name, sha = repo.store.write_index(w.id, "vda", DiskIndex(entry.size, CHUNK, ids))
+            forged = replace(victim, id=w.id, source=SourceRef("vm", uuid, name), parent=None,
+                             disks=[replace(entry, index=name, index_sha256=sha)], configs={})
+            try:
+                repo.store.write_manifest(forged)
+            finally:
+                w.abort()
+            raise AssertionError("the server accepted a forged restore point")
+        base = parent.disk("vda") if parent else None
+        dw = w.add_disk("vda", len(data), base=base)
+        todo = self.dirty.get(name, set()) if parent else set(range(len(data) // CHUNK))
+        for i in sorted(todo):
+            dw.write_chunk(i, bytes(data[i * CHUNK:(i + 1) * CHUNK]))
+        dw.finish()
+        if self.mode == "crash":
+            raise RepositoryError("simulated crash before commit")  # no abort, no end
+        m = w.commit()
+        sess.end()
+        self.dirty[name] = set()
+        return schemas.TaskResult(ok=True, snapshot=m.id, kind=m.kind, consistency="crash",
+                                  bytes_stored=dw.stats["bytes_stored"])
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[RunningServer, Repository, FakeCluster]]:
+    repo = Repository.init(tmp_path / "repo", passphrase=None, encryption="none",
+                           chunk_size=CHUNK)
+    srv = start_server(tmp_path / "server", dead_after=2.0, repo=repo)
+    yield srv, repo, FakeCluster()
+    srv.stop()
+
+
+def _agent(srv: RunningServer, fc: FakeCluster, node: str, disks: dict[str, bytearray],
+           mode: str = "ok") -> tuple[AgentThread, RepoRunner]:
+    creds = enrol(srv.url, srv.token("agent", cluster="lab"), node=node)
+    runner = RepoRunner(fc, node, creds.client(), disks, mode)
+    return AgentThread(Agent(creds.client(), runner, FAST)), runner
+
+
+def _run(c: ServerClient, job: str) -> schemas.RunOut:
+    run = c.run_job(job)
+    wait_for(lambda: c.run(run.id).status != "running", 30, "run end")
+    return c.run(run.id)
+
+
+def test_incremental_uploads_only_new_chunks_and_restores(
+        setup: tuple[RunningServer, Repository, FakeCluster],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    srv, repo, fc = setup
+    vm = fc.add("web1", "node-a")
+    disks = {"web1": bytearray(os.urandom(8 * CHUNK))}
+    agent, runner = _agent(srv, fc, "node-a", disks)
+    uploads: list[str] = []
+    real_write = RemoteBackend.write
+
+    def counting(self: RemoteBackend, name: str, data: bytes, *, sync_dir: bool = True) -> None:
+        if name.startswith("chunks/"):
+            uploads.append(name)
+        real_write(self, name, data, sync_dir=sync_dir)
+    monkeypatch.setattr(RemoteBackend, "write", counting)
+    try:
+        with srv.client() as c:
+            wait_for(lambda: c.inventory().clusters, what="inventory")
+            c.create_job(schemas.JobSpec(name="j", selection=schemas.Selection(all=True)))
+            assert _run(c, "j").status == "succeeded"
+            assert len(uploads) == 8
+            disks["web1"][3 * CHUNK:3 * CHUNK + 10] = b"x" * 10
+            runner.dirty["web1"] = {3}
+            run = _run(c, "j")
+            assert run.status == "succeeded"
+            assert run.vms[0].result["kind"] == "incremental"
+            assert len(uploads) == 9  # one changed chunk sent
+            snaps = c.snapshots(vm.uuid)
+            assert [s.sequence for s in snaps] == [0, 1]
+        latest = repo.get_snapshot(snaps[-1].id)
+        reader = repo.open_disk(latest, "vda")
+        assert reader.pread(0, len(disks["web1"])) == bytes(disks["web1"])
+    finally:
+        agent.kill()
+
+
+def test_forged_chunk_references_are_refused(
+        setup: tuple[RunningServer, Repository, FakeCluster]) -> None:
+    srv, repo, fc = setup
+    fc.add("web1", "node-a")
+    evil = fc.add("evil", "node-b")
+    disks = {"web1": bytearray(os.urandom(2 * CHUNK)), "evil": bytearray(2 * CHUNK)}
+    good, _ = _agent(srv, fc, "node-a", disks)
+    bad, forger = _agent(srv, fc, "node-b", disks, mode="forge")
+    try:
+        with srv.client() as c:
+            wait_for(lambda: sum(len(n.vms) for n in c.inventory().clusters[0].nodes) == 2,
+                     what="inventory")
+            c.create_job(schemas.JobSpec(name="web", selection=schemas.Selection(names=["web1"])))
+            assert _run(c, "web").status == "succeeded"
+            # The agent of node-b cannot even read web1's restore points; suppose it
+            # learnt web1's chunk ids some other way and names them in its own backup.
+            victim = repo.list_snapshots()[0]
+            forger.forge = (victim, victim.disks[0], repo.read_index(victim, "vda"))
+            c.create_job(schemas.JobSpec(name="evil", retries=0,
+                                         selection=schemas.Selection(names=["evil"])))
+            run = _run(c, "evil")
+            assert run.status == "failed"
+            assert "neither uploaded nor inherited" in run.vms[0].diagnosis
+            assert c.snapshots(evil.uuid) == []
+    finally:
+        good.kill()
+        bad.kill()
+
+
+def test_a_backup_that_dies_before_commit_leaves_nothing_and_the_next_succeeds(
+        setup: tuple[RunningServer, Repository, FakeCluster]) -> None:
+    srv, repo, fc = setup
+    vm = fc.add("web1", "node-a")
+    disks = {"web1": bytearray(os.urandom(2 * CHUNK))}
+    agent, runner = _agent(srv, fc, "node-a", disks, mode="crash")
+    try:
+        with srv.client() as c:
+            wait_for(lambda: c.inventory().clusters, what="inventory")
+            c.create_job(schemas.JobSpec(name="j", retries=0,
+                                         selection=schemas.Selection(all=True)))
+            assert _run(c, "j").status == "failed"
+            assert repo.list_snapshots(vm.uuid) == []
+            assert srv.ctx.sessions is not None
+            wait_for(lambda: not srv.ctx.sessions._sessions, what="session aborted")
+            runner.mode = "ok"  # the lock the dead writer took is gone: this succeeds
+            assert _run(c, "j").status == "succeeded"
+            assert len(repo.list_snapshots(vm.uuid)) == 1
+    finally:
+        agent.kill()
