@@ -189,7 +189,7 @@ def verify_cmd(ctx: click.Context, image: Path, fmt: str) -> None:
 @click.pass_context
 def down_cmd(ctx: click.Context) -> None:
     """Stop every lab process (by PID) and remove the lab's files."""
-    lab = Lab.existing(_root(ctx))
+    lab = Lab.remains(_root(ctx))
     if lab is None:
         if not state(ctx).json:
             console.print(f"no lab at {_root(ctx)}", highlight=False)

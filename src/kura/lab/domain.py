@@ -5,7 +5,7 @@ A lab VM boots the cached guest kernel and initramfs directly (``<kernel>``,
 (``vda``, ``vdb``, ...); the guest formats ``vda`` with ext4 on first boot and
 mounts it on ``/data``. The guest agent channel is a virtio-serial port named
 ``org.qemu.guest_agent.0`` whose unix socket libvirt creates. The serial
-console goes to ``console.log`` in the VM's directory (appended, so it survives
+console goes to ``<vm>.console.log`` in the VM's directory (appended, so it survives
 migration). ``type='kvm'`` is used only when the host probe showed that a
 guest really boots under KVM; otherwise ``type='qemu'`` (TCG).
 

@@ -46,13 +46,14 @@ HOST_PACKAGES = ("busybox-static", "qemu-guest-agent", "e2fsprogs", "libc6", "li
 #: Binaries copied from the host (with their libraries), guest path = host path.
 BINARIES = ("/usr/sbin/qemu-ga", "/sbin/mke2fs", "/sbin/e2fsck")
 #: Kernel modules the guest loads; their dependencies are added from modules.dep.
-MODULES = ("virtio_pci", "virtio_blk", "virtio_console")
+MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "button", "evdev")
 GUEST_FILES = {
     "inittab": "etc/inittab",
     "rc.sysinit": "etc/rc.sysinit",
     "rc.shutdown": "etc/rc.shutdown",
     "shutdown": "sbin/shutdown",
     "workload": "usr/lib/kura/workload",
+    "acpi-power": "etc/acpi/PWRF/00000080",
 }
 
 

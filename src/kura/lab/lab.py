@@ -18,7 +18,7 @@ Storage layout (all under the root)::
 
     shared/<vm>/vda.qcow2 ...      the cluster-shared volume (both nodes see it)
     nodes/<node>/local/<vm>/...    node-local storage
-    <vm dir>/nvram.fd console.log  UEFI variables, serial console
+    <vm dir>/nvram.fd <vm>.console.log   UEFI variables, serial console
 
 Live migration uses ``VIR_MIGRATE_UNSAFE`` on the plain shared directory (safe
 here: one kernel, one page cache). The backup engine decides whether a disk is
@@ -72,7 +72,7 @@ from kura.lab.state import (
     save_state,
 )
 from kura.lab.verify import Verdict, verify_image
-from kura.lab.vm import LabVM
+from kura.lab.vm import LabVM, console_path
 
 DEFAULT_ROOT = Path("/var/lib/kura/lab")
 UEFI_MIN_MEMORY_MIB = 256
@@ -132,6 +132,15 @@ class Lab:
         root = (root or default_root()).absolute()
         state = load_state(root)
         return cls(root, state) if state is not None else None
+
+    @classmethod
+    def remains(cls, root: Path | None = None) -> Lab | None:
+        """The lab at ``root`` for ``down``: also when a crash left nodes but no state file."""
+        root = (root or default_root()).absolute()
+        lab = cls.existing(root)
+        if lab is None and (root / "nodes").is_dir():
+            lab = cls(root, LabState(index=-1))  # down() finds the nodes by their token files
+        return lab
 
     @property
     def index(self) -> int:
@@ -291,7 +300,8 @@ class Lab:
         leftovers = [pid for t in tokens for pid in host.pids_with_token(t)]
         if leftovers:
             raise LabError(f"lab processes survived: {leftovers}")
-        release_index(self.root, self.index)
+        if self.index >= 0:
+            release_index(self.root, self.index)
         shutil.rmtree(self.root, ignore_errors=True)
         self.progress(f"removed {self.root}")
 
@@ -321,14 +331,13 @@ class Lab:
 
     def _xml(self, rec: VMRecord) -> str:
         image = self.image()
-        directory = Path(rec.disks[0].path).parent
         return domain_xml(DomainSpec(
             name=rec.name, uuid=rec.uuid, accel="kvm" if self.accel == "kvm" else "qemu",
             kernel=image.kernel, initrd=image.initrd,
             disks=tuple(DiskFile(Path(d.path), d.fmt, d.target) for d in rec.disks),
             memory_mib=rec.memory_mib, agent=rec.agent, workload=rec.workload,
             nvram=Path(rec.nvram) if rec.nvram else None,
-            console_log=directory / f"{rec.name}.console.log", storage=rec.storage))
+            console_log=console_path(rec), storage=rec.storage))
 
     def _check_new_name(self, name: str) -> None:
         if not _NAME.match(name):
@@ -434,8 +443,11 @@ class Lab:
             raise LabError(f"cannot define/start VM {rec.name} on {target_node.name}: "
                            f"{exc.get_error_message()}",
                            hint=f"see {target_node.directory}/log/qemu/{rec.name}.log") from exc
-        if start and wait and rec.agent:
-            vm.wait_agent(90)
+        if start and wait:
+            if rec.agent:
+                vm.wait_agent(90)
+            else:
+                vm.wait_booted(90)
         return vm
 
     def remove_vm(self, name: str) -> None:

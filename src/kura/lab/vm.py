@@ -26,6 +26,13 @@ from kura.lab.node import LabNode
 from kura.lab.state import VMRecord
 
 AGENT_TIMEOUT = 10
+READY_MARKER = b"KURA-GUEST-READY"
+
+
+def console_path(rec: VMRecord) -> Path:
+    """Where the VM's serial console is logged (appended across boots and moves)."""
+    base = Path(rec.directory) if rec.directory else Path(rec.disks[0].path).parent
+    return base / f"{rec.name}.console.log"
 
 
 class LabVM:
@@ -68,6 +75,26 @@ class LabVM:
     @property
     def nvram(self) -> Path | None:
         return Path(self._record.nvram) if self._record.nvram else None
+
+    @property
+    def console_log(self) -> Path:
+        return console_path(self._record)
+
+    def boots_logged(self) -> int:
+        """How many times the guest has finished booting (ready markers on its console)."""
+        try:
+            return self.console_log.read_bytes().count(READY_MARKER)
+        except FileNotFoundError:
+            return 0
+
+    def wait_booted(self, timeout: float = 60, *, boots: int = 1) -> None:
+        """Wait until the console shows ``boots`` finished boots (works without an agent)."""
+        deadline = time.monotonic() + timeout
+        while self.boots_logged() < boots:
+            if time.monotonic() > deadline:
+                raise LabError(f"VM {self.name} did not finish booting within {timeout:.0f} s",
+                               hint=f"see {self.console_log}")
+            time.sleep(0.2)
 
     # -- where is it ---------------------------------------------------------------
 
@@ -155,7 +182,7 @@ class LabVM:
             if time.monotonic() > deadline:
                 raise LabError(f"guest agent of {self.name} did not answer within "
                                f"{timeout:.0f} s: {last}",
-                               hint="see console.log in the VM's directory")
+                               hint=f"see {self.console_log}")
             time.sleep(0.25)
 
     def agent_exec(self, argv: list[str], timeout: float = 30) -> tuple[int, str, str]:
@@ -242,26 +269,35 @@ class LabVM:
         if wait and self._record.agent:
             self.wait_agent(timeout)
 
-    def shutdown(self, timeout: float = 60) -> None:
-        """Shut the guest down cleanly (through the agent); destroy it if it hangs."""
+    def shutdown(self, timeout: float = 60, *, force: bool = True) -> None:
+        """Shut the guest down cleanly and wait until it is off.
+
+        Through the guest agent when the VM has one, else with the ACPI power button
+        (the guest's acpid powers off). Either way the guest stops its workload and
+        unmounts /data first. If it is not off after ``timeout`` seconds it is
+        destroyed (``force``) or LabError is raised.
+        """
         dom = self.domain()
         if not dom.isActive():
             return
         flags = (libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT if self._record.agent
                  else libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-        with contextlib.suppress(libvirt.libvirtError):
-            dom.shutdownFlags(flags)
-        deadline = time.monotonic() + (timeout if self._record.agent else 2)
+        deadline = time.monotonic() + timeout
+        next_press = 0.0
         while time.monotonic() < deadline:
             try:
                 if not dom.isActive():
                     return
+                if time.monotonic() >= next_press:
+                    # Repeat: a press while the guest is still booting is lost.
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.shutdownFlags(flags)
+                    next_press = time.monotonic() + 5
             except libvirt.libvirtError:
                 return
             time.sleep(0.1)
-        if self._record.agent:
+        if not force:
             raise LabError(f"VM {self.name} did not shut down within {timeout:.0f} s")
-        # No agent and no acpid in the guest: like pulling the plug after a sync.
         self.destroy()
 
     def destroy(self) -> None:

@@ -68,8 +68,12 @@ def test_vm_without_agent(lab: Lab, lab_vm: VMFactory) -> None:
     assert root.find("./devices/channel") is None
     with pytest.raises(LabError, match="no guest agent"):
         vm.agent_exec(["/bin/true"])
-    vm.shutdown()
+    assert vm.boots_logged() == 1  # create_vm waited for the console's ready marker
+    time.sleep(2)  # let the workload write a little
+    vm.shutdown(timeout=60, force=False)  # ACPI power button -> acpid -> clean poweroff
     assert vm.state() == "shutoff"
+    verdict = lab.verify_disk(vm.disk_paths[0])
+    assert verdict.ok, verdict.errors
 
 
 def test_vm_on_local_storage(lab: Lab, lab_vm: VMFactory) -> None:
