@@ -80,7 +80,12 @@ def backup_image(repo: Repository, options: ImageBackupOptions, *,
             disk = writer.add_disk(DISK_NAME, size, attrs={
                 "format": fmt, "path": str(image.resolve()), "virtual_size": size})
             done = 0
-            for index, chunk in src.read_chunks(data, chunk_size):
+            for index in data:
+                # Synchronous pread, not read_chunks: with python3-libnbd 1.14 every
+                # aio_pread buffer stays alive until the handle closes (the whole image in
+                # RAM). The repository's worker pool overlaps hashing/compression with it.
+                offset = index * chunk_size
+                chunk = src.pread(offset, min(chunk_size, size - offset))
                 disk.write_chunk(index, chunk)
                 if progress:
                     progress(len(chunk))

@@ -23,7 +23,7 @@ from kura.repository.crypto import ID_SIZE
 
 MAGIC = b"KURI"
 VERSION = 1
-HEADER = struct.Struct(">4sB3xQII")
+HEADER = struct.Struct(">4sB3sQII")
 ZERO_CHUNK = bytes(ID_SIZE)
 
 
@@ -45,15 +45,15 @@ class DiskIndex:
     def encode(self) -> bytes:
         if len(self.ids) != chunk_count(self.size, self.chunk_size):
             raise ValueError("index chunk count does not match its size")
-        return HEADER.pack(MAGIC, VERSION, self.size, self.chunk_size, len(self.ids)) + b"".join(
+        return HEADER.pack(MAGIC, VERSION, bytes(3), self.size, self.chunk_size, len(self.ids)) + b"".join(
             self.ids)
 
     @classmethod
     def decode(cls, data: bytes, what: str) -> DiskIndex:
         if len(data) < HEADER.size:
             raise IntegrityError(f"{what}: index truncated ({len(data)} bytes)")
-        magic, version, size, chunk_size, count = HEADER.unpack_from(data)
-        if magic != MAGIC:
+        magic, version, pad, size, chunk_size, count = HEADER.unpack_from(data)
+        if magic != MAGIC or pad != bytes(3):
             raise IntegrityError(f"{what}: not a kura index (bad magic)")
         if version != VERSION:
             raise UnsupportedFormat(

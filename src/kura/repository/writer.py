@@ -20,10 +20,10 @@ upload blobs over HTTPS with the same hashing/compression/encryption on the
 client side.
 
 Incremental writes: ``add_disk(..., base=parent_entry)`` starts from the
-parent's chunk ids; every chunk not written is inherited (only chunks that are
-whole in both the old and the new size; the rest of a resized disk is zero
-unless written; an unchanged size inherits everything). At ``finish`` the inherited chunks are touched, which protects
-them from a concurrent GC and proves they still exist.
+parent's chunk ids; every chunk not written is inherited (all of them when the
+size is unchanged; for a resized disk only chunks that are whole in both sizes,
+the rest is zero unless written). At ``finish`` the inherited chunks are
+touched, which protects them from a concurrent GC and proves they still exist.
 """
 
 from __future__ import annotations
@@ -106,22 +106,38 @@ class _Pipeline:
         self.workers = max(1, workers)
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kura-chunk")
         self.known: set[bytes] = set()
+        self.inflight: dict[bytes, threading.Event] = {}
         self.lock = threading.Lock()
 
     def ensure(self, chunk_id: bytes, data: bytes | memoryview) -> tuple[bool, int]:
-        """Make sure chunk ``chunk_id`` is stored. Returns (reused, bytes stored)."""
-        with self.lock:
-            if chunk_id in self.known:
+        """Make sure chunk ``chunk_id`` is stored. Returns (reused, bytes stored).
+
+        The same chunk arriving twice at once (a disk full of one pattern) is stored
+        once: the second caller waits for the first.
+        """
+        while True:
+            with self.lock:
+                if chunk_id in self.known:
+                    return True, 0
+                event = self.inflight.get(chunk_id)
+                if event is None:
+                    event = self.inflight[chunk_id] = threading.Event()
+                    break
+            event.wait()  # then re-check: the first caller may have failed
+        try:
+            if self.sink.has(chunk_id):
+                with self.lock:
+                    self.known.add(chunk_id)
                 return True, 0
-        if self.sink.has(chunk_id):
+            sealed = self.store.seal_chunk(chunk_id, data)
+            self.sink.put(chunk_id, sealed)
             with self.lock:
                 self.known.add(chunk_id)
-            return True, 0
-        sealed = self.store.seal_chunk(chunk_id, data)
-        self.sink.put(chunk_id, sealed)
-        with self.lock:
-            self.known.add(chunk_id)
-        return False, len(sealed)
+            return False, len(sealed)
+        finally:
+            with self.lock:
+                del self.inflight[chunk_id]
+            event.set()
 
     def process(self, data: bytes | memoryview) -> tuple[bytes, bool, int]:
         chunk_id = self.store.chunk_id(data)

@@ -1,0 +1,111 @@
+"""Helpers for tests of kura and of code built on the repository.
+
+``make_repo`` creates a small, fast repository (64 KiB chunks, cheap scrypt);
+``write_disk`` stores bytes as a one-disk restore point; ``FaultyBackend``
+wraps a backend and injects failures (``ENOSPC`` after N writes, or a hook
+called before every write) to test what an error leaves behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from kura.errors import StorageFull
+from kura.repository.backend import Backend, LocalBackend, ObjectStat
+from kura.repository.index import chunk_count
+from kura.repository.manifest import DiskEntry, Manifest, SourceRef
+from kura.repository.repo import Repository
+
+TEST_CHUNK = 64 << 10
+TEST_PASSPHRASE = b"correct horse battery staple"
+
+
+def make_repo(path: Path | Backend, *, encrypted: bool = True,
+              chunk_size: int = TEST_CHUNK, compression_level: int = 3) -> Repository:
+    return Repository.init(path, passphrase=TEST_PASSPHRASE if encrypted else None,
+                           encryption="aes-256-gcm" if encrypted else "none",
+                           chunk_size=chunk_size, compression_level=compression_level,
+                           scrypt_n=1 << 10)
+
+
+def write_disk(repo: Repository, name: str, data: bytes, *, disk: str = "disk",
+               parent: Manifest | None = None, base: DiskEntry | None = None,
+               only: Iterable[int] | None = None, node: str = "test-node",
+               kind: str | None = None) -> Manifest:
+    """Store ``data`` as disk ``disk`` of a new restore point of image ``name``.
+
+    ``only``: write just these chunk indexes (the rest is inherited from ``base``
+    or zero).
+    """
+    source = SourceRef(kind="image", key=name, name=name)
+    cs = repo.chunk_size
+    with repo.begin_snapshot(source, node=node, parent=parent,
+                             kind=kind or ("incremental" if parent else "full")) as w:
+        dw = w.add_disk(disk, len(data), base=base)
+        indexes = range(chunk_count(len(data), cs)) if only is None else only
+        for i in indexes:
+            dw.write_chunk(i, data[i * cs:(i + 1) * cs])
+        return w.commit()
+
+
+class FaultyBackend:
+    """A backend wrapper that fails on purpose (see module docstring)."""
+
+    def __init__(self, inner: Backend, *, enospc_after: int | None = None,
+                 before_write: Callable[[str], None] | None = None) -> None:
+        self.inner = inner
+        self.enospc_after = enospc_after
+        self.before_write = before_write
+        self.writes = 0
+
+    @property
+    def location(self) -> str:
+        return self.inner.location
+
+    def _count(self, name: str) -> None:
+        if self.before_write is not None:
+            self.before_write(name)
+        self.writes += 1
+        if self.enospc_after is not None and self.writes > self.enospc_after:
+            raise StorageFull(f"no space left on the repository's storage while writing "
+                              f"{self.location}/{name}",
+                              hint=os.strerror(errno.ENOSPC))
+
+    def read(self, name: str) -> bytes:
+        return self.inner.read(name)
+
+    def write(self, name: str, data: bytes, *, sync_dir: bool = True) -> None:
+        self._count(name)
+        self.inner.write(name, data, sync_dir=sync_dir)
+
+    def create(self, name: str, data: bytes) -> bool:
+        self._count(name)
+        return self.inner.create(name, data)
+
+    def exists(self, name: str) -> bool:
+        return self.inner.exists(name)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        return self.inner.list(prefix)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+
+    def touch(self, name: str) -> bool:
+        return self.inner.touch(name)
+
+    def stat(self, name: str) -> ObjectStat:
+        return self.inner.stat(name)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.inner.rename(src, dst)
+
+    def sync_dirs(self, names: Iterable[str]) -> None:
+        self.inner.sync_dirs(names)
+
+
+def local(path: Path) -> LocalBackend:
+    return LocalBackend(path)
