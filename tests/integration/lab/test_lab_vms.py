@@ -59,6 +59,20 @@ def test_uefi_vm_has_nvram(lab: Lab, lab_vm: VMFactory) -> None:
     assert root.findtext("./os/nvram") == str(vm.nvram)
     assert vm.agent_exec(["/bin/true"])[0] == 0
     assert "efi" in vm.sh("ls /sys/firmware/ || true")
+    lab.migrate(vm.name, "node-b")  # NVRAM on shared storage: live migration
+    assert vm.node == "node-b" and vm.agent_exec(["/bin/true"])[0] == 0
+
+
+def test_uefi_vm_on_local_storage_quick_migrates_with_nvram(
+        lab: Lab, lab_vm: VMFactory) -> None:
+    vm = lab_vm(uefi=True, storage="local", node="node-b")
+    lab.migrate(vm.name, "node-a", offline=True)
+    moved = lab.vm(vm.name)
+    assert moved.nvram is not None and moved.nvram.exists()
+    assert moved.nvram.is_relative_to(lab.node("node-a").local_dir)
+    root = _xml(moved.domain().XMLDesc(0))
+    assert root.findtext("./os/nvram") == str(moved.nvram)
+    moved.wait_agent(30)
 
 
 def test_vm_without_agent(lab: Lab, lab_vm: VMFactory) -> None:
