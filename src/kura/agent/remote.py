@@ -17,6 +17,7 @@ locally.
 from __future__ import annotations
 
 import base64
+import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -80,10 +81,8 @@ class RemoteBackend:
         return iter([str(n) for n in out["names"]])
 
     def delete(self, name: str) -> None:
-        try:
+        with contextlib.suppress(ObjectNotFound):
             self._do(name, "DELETE", self._obj(name))
-        except ObjectNotFound:
-            pass
 
     def touch(self, name: str) -> bool:
         return bool(self._do(name, "POST", "/touch", json={"name": name})["found"])
@@ -113,10 +112,8 @@ class RemoteSession:
         return bool(schemas.SessionEnded.model_validate(out).committed)
 
     def abort_quietly(self) -> None:
-        try:
+        with contextlib.suppress(ServerError):  # the server aborts silent sessions itself
             self.end()
-        except ServerError:
-            pass  # the server aborts silent sessions on its own
 
 
 def open_session(client: ServerClient, task_id: int) -> RemoteSession:

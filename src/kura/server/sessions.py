@@ -70,7 +70,7 @@ class Session:
     agent_id: str
     task_id: int
     vm_uuid: str
-    kind: str  # backup | restore
+    kind: str  # backup | restore | preflight (read-only)
     visible: set[str]             # restore point ids of this VM the agent may read
     parent_ids: set[bytes] | None = None
     snapshot: str | None = None   # the new restore point's id, once seen
@@ -110,14 +110,14 @@ class SessionManager:
                 raise Refused(f"task {task_id} is not this agent's")
             if task.state != "sent":
                 raise Refused(f"task {task_id} is {task.state}; nothing may be written for it")
-            if task.kind not in ("backup", "restore"):
+            if task.kind not in ("backup", "restore", "preflight"):
                 raise Refused(f"task {task_id} is a {task.kind}; it has no data path")
             rv = s.get(RunVm, task.run_vm_id) if task.run_vm_id else None
             if rv is None:
                 raise Refused(f"task {task_id} names no VM")
             agent = s.get_one(Agent, agent_id)
             vm = s.get(Vm, rv.vm_uuid)
-            if task.kind == "backup" and (vm is None or
+            if task.kind != "restore" and (vm is None or
                                           vm.cluster_id != agent.node.cluster_id):
                 raise Refused(f"VM {rv.vm_name} is not in this agent's cluster")
             vm_uuid = rv.vm_uuid
@@ -127,7 +127,7 @@ class SessionManager:
             sid = row.id
             kind = task.kind
             wanted = str(task.payload.get("snapshot", ""))
-        snaps = self.repo.list_snapshots(vm_uuid) if kind == "backup" else []
+        snaps = self.repo.list_snapshots(vm_uuid) if kind != "restore" else []
         visible = {m.id for m in snaps}
         if kind == "restore" and wanted:
             visible.add(self.repo.get_snapshot(wanted).id)

@@ -1,0 +1,81 @@
+"""``kura agent``: the node agent (enrol once, then serve the server's tasks)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from kura.agent import enrol
+from kura.agent.engine_runner import EngineRunner
+from kura.agent.loop import Agent, AgentSettings
+from kura.cli.common import err_console
+from kura.hypervisor.connection import open_connection
+
+log = logging.getLogger(__name__)
+
+
+@click.command("agent")
+@click.option("--server", envvar="KURA_SERVER", required=True, metavar="URL",
+              help="The kura server, e.g. https://backup.example:8443 (env KURA_SERVER).")
+@click.option("--token", envvar="KURA_AGENT_TOKEN", metavar="TOKEN",
+              help="One-time enrolment token (env KURA_AGENT_TOKEN); only needed once.")
+@click.option("--connect", "-c", default="qemu:///system", show_default=True, metavar="URI",
+              help="libvirt URI of this node.")
+@click.option("--ca", type=click.Path(path_type=Path, dir_okay=False),
+              help="The server's CA certificate (default: fetched and checked against the "
+                   "fingerprint in the token).")
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False),
+              default=enrol.DEFAULT_STATE_DIR, show_default=True,
+              help="Where the agent keeps its credential and the pinned CA.")
+@click.option("--node", metavar="NAME", help="Node name (default: libvirt's host name).")
+@click.option("--scratch-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Scratch directory for backup views (default: the engine's).")
+@click.option("--heartbeat", type=float, default=5.0, show_default=True, metavar="SECONDS")
+@click.option("--inventory-interval", type=float, default=15.0, show_default=True,
+              metavar="SECONDS")
+@click.option("--max-tasks", type=int, default=4, show_default=True,
+              help="VMs this node backs up at once (the server's job limits apply too).")
+def agent(server: str, token: str | None, connect: str, ca: Path | None, state_dir: Path,
+          node: str | None, scratch_dir: Path | None, heartbeat: float,
+          inventory_interval: float, max_tasks: int) -> None:
+    """Run the kura agent of this node: report inventory, run dispatched backups.
+
+    The first start enrols with a one-time token from `kura server token create
+    --role agent`; later starts reuse the saved credential. The agent always
+    connects out to the server and reconnects by itself after network or
+    server failures.
+
+    \b
+    Example:
+      kura agent --server https://10.0.0.5:8443 --token kura_... --connect qemu:///system
+    """
+    if node is None:
+        with open_connection(connect) as hv:
+            node = hv.node.hostname
+    creds = enrol.ensure_enrolled(state_dir, server, token, node=node, uri=connect, ca=ca)
+    err_console.print(f"kura agent: node {creds.node} of cluster {creds.cluster}, "
+                      f"server {creds.server}", highlight=False)
+    client = creds.client()
+    settings = AgentSettings(heartbeat_interval=heartbeat, inventory_interval=inventory_interval,
+                             max_tasks=max_tasks)
+    worker = Agent(client, EngineRunner(connect, client, scratch_root=scratch_dir), settings)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.warning("signal %d: stopping (running backups end cleanly)", signum)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        worker.run()
+    finally:
+        worker.wait_idle(60)
+        client.close()
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(agent)
