@@ -1,0 +1,168 @@
+"""Opening repositories, keys, references to restore points, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kura.errors import (
+    IntegrityError,
+    RepositoryError,
+    RepositoryExists,
+    RepositoryNotFound,
+    SnapshotNotFound,
+    UnsupportedFormat,
+    UsageError,
+    WrongPassphrase,
+)
+from kura.repository import Repository
+from kura.repository.testing import TEST_CHUNK, TEST_PASSPHRASE, make_repo, write_disk
+
+PW = TEST_PASSPHRASE
+
+
+def test_init_open_and_info(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    assert repo.encrypted and repo.chunk_size == TEST_CHUNK
+    again = Repository.open(f"file://{tmp_path / 'r'}", passphrase=PW)
+    assert again.id == repo.id
+    info = again.info()
+    assert info["encryption"] == "aes-256-gcm" and info["snapshots"] == 0
+    assert Repository.needs_passphrase(tmp_path / "r")
+    config = json.loads((tmp_path / "r" / "config").read_text())
+    assert PW.decode() not in json.dumps(config) and "master" not in config["key"]
+
+
+def test_init_refuses_existing_and_bad_options(tmp_path: Path) -> None:
+    make_repo(tmp_path / "r")
+    with pytest.raises(RepositoryExists):
+        make_repo(tmp_path / "r")
+    with pytest.raises(UsageError, match="passphrase"):
+        Repository.init(tmp_path / "x", passphrase=None)
+    with pytest.raises(UsageError, match="encryption"):
+        Repository.init(tmp_path / "x", passphrase=PW, encryption="rot13")
+    with pytest.raises(UsageError, match="power of two"):
+        Repository.init(tmp_path / "x", passphrase=PW, chunk_size=1000)
+
+
+def test_wrong_or_missing_passphrase(tmp_path: Path) -> None:
+    make_repo(tmp_path / "r")
+    with pytest.raises(WrongPassphrase, match="wrong passphrase"):
+        Repository.open(tmp_path / "r", passphrase=b"nope")
+    with pytest.raises(WrongPassphrase, match="no passphrase"):
+        Repository.open(tmp_path / "r")
+
+
+def test_unencrypted_needs_no_passphrase(tmp_path: Path) -> None:
+    make_repo(tmp_path / "r", encrypted=False)
+    assert not Repository.needs_passphrase(tmp_path / "r")
+    assert not Repository.open(tmp_path / "r", passphrase=b"ignored").encrypted
+
+
+def test_missing_repository(tmp_path: Path) -> None:
+    with pytest.raises(RepositoryNotFound, match=str(tmp_path / "none")):
+        Repository.open(tmp_path / "none", passphrase=PW)
+
+
+def test_unknown_format_version(tmp_path: Path) -> None:
+    make_repo(tmp_path / "r")
+    cfg = tmp_path / "r" / "config"
+    doc = json.loads(cfg.read_text())
+    doc["version"] = 7
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(UnsupportedFormat, match="version 7"):
+        Repository.open(tmp_path / "r", passphrase=PW)
+
+
+@pytest.mark.parametrize("change", ["chunk_size", "encryption", "garbage", "truncate"])
+def test_tampered_or_damaged_config(tmp_path: Path, change: str) -> None:
+    make_repo(tmp_path / "r")
+    cfg = tmp_path / "r" / "config"
+    doc = json.loads(cfg.read_text())
+    if change == "chunk_size":
+        doc["chunk_size"] = 1 << 20
+        cfg.write_text(json.dumps(doc))
+    elif change == "encryption":
+        doc["encryption"] = "none"
+        cfg.write_text(json.dumps(doc))
+    elif change == "garbage":
+        cfg.write_bytes(b"\0\1\2")
+    else:
+        cfg.write_text(cfg.read_text()[:40])
+    with pytest.raises((IntegrityError, RepositoryError)):
+        Repository.open(tmp_path / "r", passphrase=PW)
+
+
+def test_key_export_import(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    data = os.urandom(TEST_CHUNK)
+    m = write_disk(repo, "img", data)
+    keyfile = tmp_path / "key"
+    repo.export_key(keyfile)
+    assert oct(keyfile.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(UsageError, match="exists"):
+        repo.export_key(keyfile)
+    cfg = tmp_path / "r" / "config"
+    doc = json.loads(cfg.read_text())
+    doc["key"]["wrapped"] = "AAAA"
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises((WrongPassphrase, IntegrityError)):
+        Repository.open(tmp_path / "r", passphrase=PW)
+    with pytest.raises(WrongPassphrase):
+        Repository.import_key(tmp_path / "r", keyfile, passphrase=b"wrong")
+    Repository.import_key(tmp_path / "r", keyfile, passphrase=PW)
+    again = Repository.open(tmp_path / "r", passphrase=PW)
+    assert again.open_disk(m.id, "disk").pread(0, TEST_CHUNK) == data
+    other = make_repo(tmp_path / "other")
+    with pytest.raises(RepositoryError, match="belongs to repository"):
+        Repository.import_key(tmp_path / "other", keyfile, passphrase=PW)
+    assert other.id != repo.id
+    (tmp_path / "junk").write_text("{}")
+    with pytest.raises(IntegrityError, match="not a kura key file"):
+        Repository.import_key(tmp_path / "r", tmp_path / "junk")
+
+
+def test_snapshot_references(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    a1 = write_disk(repo, "alpha", b"1" * 10)
+    a2 = write_disk(repo, "alpha", b"2" * 10, parent=a1)
+    b1 = write_disk(repo, "beta", b"3" * 10)
+    assert [m.id for m in repo.list_snapshots()] == [a1.id, a2.id, b1.id]
+    assert [m.id for m in repo.list_snapshots("alpha")] == [a1.id, a2.id]
+    assert repo.get_snapshot("alpha").id == a2.id
+    latest = repo.latest("alpha")
+    assert latest is not None and latest.id == a2.id
+    assert repo.latest("gamma") is None
+    assert repo.get_snapshot(a1.id).id == a1.id
+    assert repo.get_snapshot(f"alpha@{a1.id}").id == a1.id
+    assert repo.get_snapshot(f"alpha@{a1.id[:-3]}").id == a1.id
+    assert repo.get_snapshot(b1.id[:-1]).id == b1.id  # a unique id prefix
+    with pytest.raises(SnapshotNotFound):
+        repo.get_snapshot("gamma")
+    with pytest.raises(SnapshotNotFound):
+        repo.get_snapshot(f"beta@{a1.id}")
+    with pytest.raises(SnapshotNotFound, match="no restore points"):
+        repo.get_snapshot("gamma@2026")
+    with pytest.raises(UsageError, match="ambiguous"):
+        repo.get_snapshot("alpha@2")
+    with pytest.raises(UsageError):
+        repo.get_snapshot("  ")
+
+
+def test_protect_and_notes(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    m = write_disk(repo, "img", b"x" * 10)
+    assert repo.protect(m.id).protected
+    assert repo.get_snapshot(m.id).protected
+    with pytest.raises(UsageError, match="protected"):
+        repo.forget(m.id)
+    assert not repo.protect(m.id, False).protected
+    # damaged notes: fail safe (treated as protected), never a crash
+    (tmp_path / "r" / "notes" / f"{m.id}.json").write_bytes(b"garbage")
+    assert repo.get_snapshot(m.id).protected
+    repo.protect(m.id, False)
+    repo.forget(m.id)
+    assert repo.list_snapshots() == []
