@@ -45,8 +45,8 @@ class DiskIndex:
     def encode(self) -> bytes:
         if len(self.ids) != chunk_count(self.size, self.chunk_size):
             raise ValueError("index chunk count does not match its size")
-        return HEADER.pack(MAGIC, VERSION, bytes(3), self.size, self.chunk_size, len(self.ids)) + b"".join(
-            self.ids)
+        header = HEADER.pack(MAGIC, VERSION, bytes(3), self.size, self.chunk_size, len(self.ids))
+        return header + b"".join(self.ids)
 
     @classmethod
     def decode(cls, data: bytes, what: str) -> DiskIndex:
