@@ -259,6 +259,9 @@ class NbdSource:
         nbd = _nbd()
         h = self._h
         pending: deque[tuple[int, Any, int]] = deque()
+        # Full-size buffers are reused: libnbd 1.14's Python nbd.Buffer never frees
+        # its memory, so a fresh buffer per read grows the process by the disk size.
+        spare: list[Any] = []
         it = iter(indexes)
         exhausted = False
         try:
@@ -273,7 +276,7 @@ class NbdSource:
                     length = min(chunk_size, self.size - offset)
                     if length <= 0:
                         raise UsageError(f"chunk {idx} lies beyond the end of {self.description}")
-                    buf = nbd.Buffer(length)
+                    buf = spare.pop() if length == chunk_size and spare else nbd.Buffer(length)
                     cookie = h.aio_pread(buf, offset)
                     pending.append((idx, buf, cookie))
                 if not pending:
@@ -282,7 +285,10 @@ class NbdSource:
                 while not h.aio_command_completed(cookie):
                     h.poll(-1)
                 pending.popleft()
-                yield idx, bytes(buf.to_bytearray())
+                data = bytes(buf.to_bytearray())
+                if len(data) == chunk_size:
+                    spare.append(buf)
+                yield idx, data
         except nbd.Error as exc:
             raise HypervisorError(f"{self.description}: read failed: {exc}") from exc
         finally:
