@@ -25,8 +25,17 @@ from rich.table import Table
 
 DEFAULT_REPO = "/var/lib/kura/repo"
 
-console = Console()
-err_console = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    # Rich falls back to 80 columns when not on a terminal (pipes, logs, CI),
+    # which folds wide tables into unreadable slivers; use a wide page there.
+    probe = Console(stderr=stderr)
+    if probe.is_terminal or "COLUMNS" in os.environ:
+        return probe
+    return Console(stderr=stderr, width=200)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 @dataclass

@@ -22,8 +22,10 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("--repo", envvar="KURA_REPO", metavar="PATH",
               help="Repository location (env KURA_REPO; default /var/lib/kura/repo).")
-@click.option("--passphrase-file", type=click.Path(path_type=Path), metavar="FILE",
-              help="Read the repository passphrase from FILE (or set KURA_PASSPHRASE).")
+@click.option("--passphrase-file", envvar="KURA_PASSPHRASE_FILE",
+              type=click.Path(path_type=Path), metavar="FILE",
+              help="Read the repository passphrase from FILE (env KURA_PASSPHRASE_FILE; "
+                   "or set KURA_PASSPHRASE).")
 @click.pass_context
 def cli(ctx: click.Context, json_: bool, verbose: int, repo: str | None,
         passphrase_file: Path | None) -> None:

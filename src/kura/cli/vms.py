@@ -103,7 +103,13 @@ def backup_vms_command(ctx: click.Context, *, vms: list[str], all_vms: bool, con
         if all_vms:
             refs = [str(d.name()) for d in hv.domains()]
             if not refs:
-                raise UsageError(f"no VMs on node {connect}")
+                # An empty node is not an error for --all (a scheduled sweep of
+                # every node must not fail on a node that has nothing now).
+                if st.json:
+                    emit_json([])
+                else:
+                    console.print(f"no VMs on node {connect}: nothing to back up")
+                return
         with byte_progress(enabled=not st.json) as progress, _terminate_as_interrupt():
             printer = JobPrinter(progress, quiet=st.json)
             for ref in refs:
