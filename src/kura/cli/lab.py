@@ -14,7 +14,7 @@ import click
 
 from kura.cli.common import console, emit_json, err_console, state, table
 from kura.errors import LabError
-from kura.lab import Lab
+from kura.lab import DiskSpec, Lab
 from kura.lab.lab import default_root
 from kura.lab.verify import verify_image
 
@@ -143,6 +143,49 @@ def move_cmd(ctx: click.Context, vm: str, to: str) -> None:
     _existing(ctx).cold_move(vm, to)
     if not state(ctx).json:
         console.print(f"{vm}: moved to {to}", highlight=False)
+
+
+def _disk_spec(text: str) -> DiskSpec:
+    size, _, fmt = text.partition(":")
+    return DiskSpec(size=size, fmt=fmt or "qcow2")
+
+
+@lab_group.command("create")
+@click.argument("vm")
+@click.option("--node", default="node-a", show_default=True, help="Node to define it on.")
+@click.option("--storage", type=click.Choice(["shared", "local"]), default="shared",
+              show_default=True)
+@click.option("--disk", "disks", multiple=True, metavar="SIZE[:raw]",
+              help="A disk (repeat for vda, vdb, ...); default one 256M qcow2.")
+@click.option("--uefi", is_flag=True, help="Boot through OVMF with a per-VM NVRAM.")
+@click.option("--no-agent", is_flag=True, help="Without qemu-guest-agent.")
+@click.option("--workload", is_flag=True, help="Run the file-writing workload from boot.")
+@_json_flag
+@click.pass_context
+def create_cmd(ctx: click.Context, vm: str, node: str, storage: str, disks: tuple[str, ...],
+               uefi: bool, no_agent: bool, workload: bool) -> None:
+    """Create and start a lab VM."""
+    lab = _existing(ctx)
+    specs = tuple(_disk_spec(d) for d in disks) or (DiskSpec(),)
+    made = lab.create_vm(vm, node=node, storage=storage, disks=specs, agent=not no_agent,
+                         workload=workload, uefi=uefi)
+    if state(ctx).json:
+        emit_json({"name": made.name, "uuid": made.uuid, "node": made.node,
+                   "disks": [str(p) for p in made.disk_paths]})
+    else:
+        console.print(f"{made.name}: running on {made.node} ({storage} storage)",
+                      highlight=False)
+
+
+@lab_group.command("remove")
+@click.argument("vm")
+@_json_flag
+@click.pass_context
+def remove_cmd(ctx: click.Context, vm: str) -> None:
+    """Destroy and undefine a lab VM and delete the disks the lab made for it."""
+    _existing(ctx).remove_vm(vm)
+    if not state(ctx).json:
+        console.print(f"{vm}: removed", highlight=False)
 
 
 @lab_group.command("exec")

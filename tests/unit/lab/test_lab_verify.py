@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.resources
+import os
+import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from kura.lab.verify import check_tree, expected_content, file_relpath
 
@@ -52,3 +58,31 @@ def test_manifest_missing_or_damaged(tmp_path: Path) -> None:
     tree = _tree(tmp_path, 3)
     (tree / "manifest").write_bytes(b"last_s\0\0")
     assert "damaged" in check_tree(tree)[2][0]
+
+
+def test_the_guest_workload_script_writes_what_the_check_expects(tmp_path: Path) -> None:
+    """Run the real guest script (busybox sh on the host) and check its output."""
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        pytest.skip("needs busybox-static")
+    script = tmp_path / "workload.sh"
+    script.write_bytes((importlib.resources.files("kura.lab") / "guest" / "workload")
+                       .read_bytes())
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = dict(os.environ, KURA_WORKLOAD_DIR=str(tmp_path / "workload"),
+               KURA_WORKLOAD_RUN=str(run_dir))
+    proc = subprocess.Popen([str(busybox), "sh", str(script), "loop"], env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            manifest = tmp_path / "workload" / "manifest"
+            if manifest.exists() and int(manifest.read_text().split("=")[1]) >= 9:
+                break
+            time.sleep(0.1)
+        (run_dir / "workload.stop").touch()
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+    last, checked, errors = check_tree(tmp_path / "workload")
+    assert errors == [] and last >= 9 and checked == last
