@@ -8,7 +8,7 @@ extent (``qemu:dirty-bitmap:backup-<dev>``). Chunks outside the list are zero
 complete image.
 
 Chunks are read with several NBD requests in flight on one connection
-(libnbd's asynchronous API, in the calling thread), and handed to the disk
+(libnbd's asynchronous API, on a reader thread), and handed to the disk
 writer, whose thread pool hashes, compresses, encrypts and stores them on
 every core. Both sides are bounded, so memory stays near
 ``(inflight + 2 x workers) x chunk size`` whatever the disk size.
@@ -16,8 +16,12 @@ every core. Both sides are bounded, so memory stays near
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from kura.nbd import NbdSource
 from kura.repository import DiskWriter
@@ -46,13 +50,58 @@ def read_plan(src: NbdSource, target: str, mode: str, chunk_size: int) -> ReadPl
     return ReadPlan(target, mode, indexes, chunk_size, src.size)
 
 
+_END = object()
+
+
 def copy(src: NbdSource, writer: DiskWriter, plan: ReadPlan, *, inflight: int,
          on_bytes: Callable[[int], None] | None = None) -> int:
-    """Read the planned chunks and write them; returns the bytes read."""
+    """Read the planned chunks and write them; returns the bytes read.
+
+    libnbd makes progress only while its caller polls, so reading runs on its
+    own thread and hands chunks over through a small queue: NBD requests keep
+    flowing while the writer's window is full, and the writer's threads keep
+    hashing while the next chunks arrive.
+    """
+    handoff: queue.Queue[object] = queue.Queue(maxsize=inflight)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for item in src.read_chunks(plan.indexes, plan.chunk_size, inflight=inflight):
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the writing thread, which raises it
+            put(exc)
+
+    thread = threading.Thread(target=reader, name="kura-nbd-read", daemon=True)
+    thread.start()
     done = 0
-    for index, data in src.read_chunks(plan.indexes, plan.chunk_size, inflight=inflight):
-        writer.write_chunk(index, data)
-        done += len(data)
-        if on_bytes is not None:
-            on_bytes(len(data))
+    try:
+        while True:
+            item = handoff.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            index, data = cast(tuple[int, bytes], item)
+            writer.write_chunk(index, data)
+            done += len(data)
+            if on_bytes is not None:
+                on_bytes(len(data))
+    finally:
+        stop.set()
+        while thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                handoff.get(timeout=0.05)
+        thread.join()
     return done
