@@ -6,16 +6,28 @@ one given, so that a test can restart a server where it was), and returns a
 :class:`RunningServer` that makes tokens and clients. ``stop()`` is a clean
 shutdown; to test recovery from a crash, start a new server on the same state
 directory: startup recovery does not care how the old one ended.
+
+For the lab tests, :class:`ServerProcess` and :class:`AgentProcess` run the
+real ``kura server`` and ``kura agent`` commands as child processes (so they
+can be SIGKILLed), and :class:`TcpProxy` relays an agent's connection so a test
+can cut the network between it and the server.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import socket
+import ssl
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import uvicorn
 
 from kura.repository import Repository
@@ -70,3 +82,169 @@ def start_server(state_dir: Path, *, port: int = 0, dead_after: float = 3.0,
     real_port = server.servers[0].sockets[0].getsockname()[1]
     return RunningServer(url=f"https://127.0.0.1:{real_port}", port=real_port, ctx=ctx,
                          files=files, server=server, thread=thread)
+
+
+# ---- real processes, for the lab tests ------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _kura(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kura.cli.main", *args]
+
+
+class ServerProcess:
+    """``kura server`` as a child process (so that a test can SIGKILL it)."""
+
+    def __init__(self, state_dir: Path, repo: Path, *, port: int | None = None,
+                 dead_after: float = 6.0) -> None:
+        self.state_dir = state_dir
+        self.repo = repo
+        self.port = port or free_port()
+        self.dead_after = dead_after
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = state_dir / "server.log"
+
+    def start(self) -> ServerProcess:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                _kura("-v", "server", "--listen", f"127.0.0.1:{self.port}", "--state-dir",
+                      str(self.state_dir), "--repo", str(self.repo), "--dead-after",
+                      str(self.dead_after)), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kura server exited; see {self.log}")
+            try:
+                ctx = ssl.create_default_context(cafile=str(self.state_dir / "ca.pem"))
+                if httpx.get(f"{self.url}/api/ca", verify=ctx, timeout=2).status_code == 200:
+                    return self
+            except (httpx.HTTPError, OSError, ssl.SSLError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"kura server did not come up; see {self.log}")
+
+    def token(self, role: str, cluster: str | None = None) -> str:
+        args = ["server", "--state-dir", str(self.state_dir), "token", "create", "--role", role]
+        if cluster:
+            args += ["--cluster", cluster]
+        out = subprocess.run(_kura(*args), capture_output=True, check=True)
+        return out.stdout.decode().strip().splitlines()[-1]
+
+    def client(self, token: str) -> ServerClient:
+        return ServerClient(self.url, token, ca=self.state_dir / "ca.pem")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class AgentProcess:
+    """``kura agent`` for one lab node as a child process."""
+
+    def __init__(self, server_url: str, token: str, node: str, uri: str, state_dir: Path,
+                 *, ca: Path | None = None) -> None:
+        self.args = ["-v", "agent", "--server", server_url, "--token", token, "--connect", uri,
+                     "--node", node, "--state-dir", str(state_dir), "--heartbeat", "1",
+                     "--inventory-interval", "2"]
+        if ca is not None:
+            self.args += ["--ca", str(ca)]
+        self.state_dir = state_dir
+        self.log = state_dir.parent / f"agent-{node}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(_kura(*self.args), stdout=out,
+                                         stderr=subprocess.STDOUT)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class TcpProxy:
+    """A loopback TCP relay whose traffic a test can cut and restore (a network cut)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> TcpProxy:
+        lsn = socket.socket()
+        lsn.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsn.bind(("127.0.0.1", self.port))
+        lsn.listen(64)
+        self._listener = lsn
+        threading.Thread(target=self._accept, args=(lsn,), daemon=True).start()
+        return self
+
+    def _accept(self, lsn: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = lsn.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Drop every connection and refuse new ones."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def restore(self) -> None:
+        self.start()
