@@ -65,10 +65,14 @@ def backup_image(repo: Repository, options: ImageBackupOptions, *,
         parent = None
     with NbdSource.open_image(image, fmt) as src:
         size = src.size
+        if fmt == "raw" and image.is_file():
+            # QEMU rounds a raw file's size up to 512 bytes; keep the file's own size.
+            size = min(size, image.stat().st_size)
         if on_total:
             on_total(size)
         chunk_size = repo.chunk_size
-        data = src.data_chunks(chunk_size)
+        count = -(-size // chunk_size)
+        data = [i for i in src.data_chunks(chunk_size) if i < count]
         kind = "incremental" if parent is not None else "full"
         reason = ("image files have no change tracking: every data chunk re-read, stored "
                   "chunks deduplicated") if parent is not None else (
