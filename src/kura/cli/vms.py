@@ -1,6 +1,7 @@
 """``kura ls`` and the VM halves of ``kura backup`` / ``kura restore``.
 
-The job log is printed live on stderr (one line per phase with its timing,
+``kura restore VM --target-dir pool:NAME`` restores into a libvirt directory
+storage pool. The job log is printed live on stderr (one line per phase with its timing,
 info and warning lines, a progress bar with throughput during the data
 phase), then a summary table per VM on stdout; ``--json`` prints only the
 results, as JSON, on stdout.
@@ -172,7 +173,10 @@ def restore_vm_command(ctx: click.Context, target: Any, *, output: Path | None,
                               f"to {output} ({human_bytes(size)}) in {seconds:.1f}s",
                               highlight=False)
             return
-        options = RestoreOptions(target_dir=target_dir, new_name=new_name, fmt=fmt,
+        pool = None
+        if target_dir is not None and str(target_dir).startswith("pool:"):
+            pool, target_dir = str(target_dir)[5:], None
+        options = RestoreOptions(target_dir=target_dir, pool=pool, new_name=new_name, fmt=fmt,
                                  start=start, force=force)
         with open_connection(connect) as hv:
             result = restore_vm(hv, repo, manifest, options, [printer])

@@ -12,8 +12,10 @@
     (never overwritten, even with ``force``), a running VM of that name or
     UUID, and existing files or definitions without ``force``.
 ``disks``
-    Each disk is written thin and verified (:mod:`kura.engine.diskout`), in
-    its backed-up format unless another is asked for.
+    Each disk goes to ``target_dir`` or into a directory storage pool's target
+    (refreshed afterwards so libvirt lists the volumes). It is written thin
+    and verified (:mod:`kura.engine.diskout`), in its backed-up format unless
+    another is asked for.
 ``define``
     The XML is rewritten (names, UUID, disk sources and formats, flattened
     backing chains, NVRAM path) and defined; NVRAM and TPM state are put in
@@ -30,7 +32,7 @@ import tarfile
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from kura.repository import Manifest, Repository
 @dataclass(frozen=True)
 class RestoreOptions:
     target_dir: Path | None = None
+    pool: str | None = None  # a libvirt directory pool: disks go to its target path
     new_name: str | None = None
     fmt: str | None = None  # raw | qcow2 | None (as backed up)
     start: bool = False
@@ -224,6 +227,11 @@ def restore_vm(hv: Hypervisor, repo: Repository, manifest: Manifest, options: Re
     renamed = options.new_name is not None and options.new_name != manifest.source.name
     with log.phase("plan"):
         domain_xml = repo.read_config(manifest, config.DOMAIN_XML).decode()
+        pool = None
+        if options.pool is not None:
+            pool, pool_dir = _pool(hv, options.pool)
+            options = replace(options, target_dir=pool_dir)
+            log.info(f"disks go to storage pool {options.pool} ({pool_dir})")
         place = _plan(manifest, domain_xml, options)
         _check(hv, place, options, options.define)
         result.vm, result.uuid = place.name, place.uuid
@@ -245,6 +253,11 @@ def restore_vm(hv: Hypervisor, repo: Repository, manifest: Manifest, options: Re
             result.disks[target] = str(path)
             log.info(f"disk {target} restored and verified: {path}")
         result.bytes = total
+        if pool is not None:
+            try:
+                pool.refresh(0)
+            except libvirt.libvirtError as exc:
+                log.warning(f"cannot refresh storage pool {options.pool}: {exc}")
     with log.phase("define"):
         if place.nvram is not None and "nvram" in manifest.configs:
             place.nvram.parent.mkdir(parents=True, exist_ok=True)
@@ -276,6 +289,20 @@ def restore_vm(hv: Hypervisor, repo: Repository, manifest: Manifest, options: Re
     result.seconds = time.monotonic() - start
     result.log = log.lines()
     return result
+
+
+def _pool(hv: Hypervisor, name: str) -> tuple[Any, Path]:
+    """A directory-backed storage pool and its target directory."""
+    try:
+        pool = hv.conn.storagePoolLookupByName(name)
+        target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+    except libvirt.libvirtError as exc:
+        raise UsageError(f"no storage pool {name!r} on {hv.uri}: {exc}",
+                         hint="`virsh pool-list --all` lists them") from exc
+    if not target:
+        raise UsageError(f"storage pool {name} has no target directory",
+                         hint="restore into a directory pool, or use --target-dir")
+    return pool, Path(target)
 
 
 def _untar(data: bytes, directory: Path) -> None:

@@ -16,6 +16,8 @@ import pytest
 from kura.engine.backup import BackupOptions, backup_vm, backup_vms
 from kura.engine.testing import node_of
 from kura.errors import GuestAgentError
+from kura.hypervisor.guard import Guard
+from kura.hypervisor.guestagent import Quiescer
 from kura.hypervisor.view import DEFAULT_SCRATCH_ROOT
 from kura.lab import Lab, LabVM
 from kura.repository import Repository
@@ -123,3 +125,31 @@ def test_sigkill_during_data_and_during_freeze_leaves_nothing(lab: Lab, lab_vm,
     with node_of(lab, vm) as hv:
         r = backup_vm(hv, repo, vm.name, BackupOptions())
     assert r.ok and r.kind == "incremental" and r.parent == first.restore_point
+
+
+def test_guard_thaws_when_the_main_thread_is_stuck(lab: Lab, lab_vm) -> None:
+    vm = lab_vm(node="node-a", storage="shared")
+    guard = Guard(lab.node(vm.node).uri, vm.uuid)
+    try:
+        q = Quiescer(vm.domain(), guard, max_frozen=2)
+        assert q.freeze() >= 1
+        assert vm.agent_command("guest-fsfreeze-status") == "frozen"
+        time.sleep(4)  # "stuck": no thaw from this side
+        assert vm.agent_command("guest-fsfreeze-status") == "thawed"
+    finally:
+        guard.done()
+
+
+def test_paused_vm_is_backed_up_crash_consistent(lab: Lab, lab_vm, repo: Repository) -> None:
+    vm = lab_vm(node="node-a", storage="shared")
+    with node_of(lab, vm) as hv:
+        backup_vm(hv, repo, vm.name, BackupOptions())
+        vm.domain().suspend()
+        try:
+            r = backup_vm(hv, repo, vm.name, BackupOptions())
+            assert r.ok and r.state == "paused" and r.kind == "incremental"
+            assert r.consistency == "crash" and any("paused" in line for line in r.log)
+            with pytest.raises(GuestAgentError):
+                backup_vm(hv, repo, vm.name, BackupOptions(consistency="require"))
+        finally:
+            vm.domain().resume()
