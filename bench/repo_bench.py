@@ -108,7 +108,7 @@ def sha256(path: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/kura-bench"))
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/kura-repo-bench"))
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     ap.add_argument("--skip-borg", action="store_true")

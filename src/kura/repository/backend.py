@@ -61,7 +61,7 @@ class Backend(Protocol):
 
     def read(self, name: str) -> bytes: ...
 
-    def write(self, name: str, data: bytes, *, sync_dir: bool = True) -> None: ...
+    def write(self, name: str, data: bytes | bytearray, *, sync_dir: bool = True) -> None: ...
 
     def create(self, name: str, data: bytes) -> bool: ...
 
@@ -122,7 +122,7 @@ class LocalBackend:
         finally:
             os.close(fd)
 
-    def _write_tmp(self, name: str, data: bytes) -> Path:
+    def _write_tmp(self, name: str, data: bytes | bytearray) -> Path:
         tmp_dir = self.root / TMP_DIR
         tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
         try:
@@ -157,7 +157,7 @@ class LocalBackend:
         except OSError as exc:
             raise self._fail(exc, name, "reading") from exc
 
-    def write(self, name: str, data: bytes, *, sync_dir: bool = True) -> None:
+    def write(self, name: str, data: bytes | bytearray, *, sync_dir: bool = True) -> None:
         path = self._path(name)
         try:
             tmp = self._write_tmp(name, data)

@@ -68,7 +68,7 @@ def compress(data: bytes | memoryview, level: int) -> bytes | None:
 
 
 def seal(key: MasterKey, binding: bytes, data: bytes | memoryview, *, encrypt: bool,
-         level: int) -> bytes:
+         level: int) -> bytes | bytearray:
     """The blob of ``data``: compressed when useful, then encrypted or MACed."""
     packed = compress(data, level)
     flags = FLAG_COMPRESSED if packed is not None else 0
@@ -77,7 +77,13 @@ def seal(key: MasterKey, binding: bytes, data: bytes | memoryview, *, encrypt: b
         flags |= FLAG_ENCRYPTED
         header = HEADER.pack(MAGIC, VERSION, flags)
         nonce = os.urandom(NONCE_SIZE)
-        return b"".join((header, nonce, key.aead().encrypt(nonce, bytes(body), header + binding)))
+        # Encrypt straight into the blob buffer: no copy of a 4 MiB chunk.
+        start = HEADER.size + NONCE_SIZE
+        out = bytearray(start + len(body) + TAG_SIZE)
+        out[:HEADER.size] = header
+        out[HEADER.size:start] = nonce
+        key.aead().encrypt_into(nonce, body, header + binding, memoryview(out)[start:])
+        return out
     header = HEADER.pack(MAGIC, VERSION, flags)
     return b"".join((header, body, key.mac(header, binding, body)))
 
@@ -106,7 +112,8 @@ def open_blob(key: MasterKey, binding: bytes, blob: bytes, *, encrypted: bool, w
             raise IntegrityError(f"{what}: truncated ({len(blob)} bytes)")
         nonce = blob[HEADER.size: HEADER.size + NONCE_SIZE]
         try:
-            body = key.aead().decrypt(nonce, blob[HEADER.size + NONCE_SIZE:], header + binding)
+            body = key.aead().decrypt(nonce, memoryview(blob)[HEADER.size + NONCE_SIZE:],
+                                      header + binding)
         except InvalidTag:
             raise IntegrityError(f"{what}: authentication failed (damaged or tampered)") from None
     else:

@@ -380,7 +380,7 @@ class Repository:
     def chunk_id(self, data: bytes | memoryview) -> bytes:
         return self.store.chunk_id(data)
 
-    def seal_chunk(self, chunk_id: bytes, data: bytes | memoryview) -> bytes:
+    def seal_chunk(self, chunk_id: bytes, data: bytes | memoryview) -> bytes | bytearray:
         return self.store.seal_chunk(chunk_id, data)
 
     def open_chunk(self, chunk_id: bytes, blob: bytes) -> bytes:
@@ -389,6 +389,6 @@ class Repository:
     def has_chunk(self, chunk_id: bytes) -> bool:
         return self.store.has_chunk(chunk_id)
 
-    def store_chunk_blob(self, chunk_id: bytes, blob: bytes) -> None:
+    def store_chunk_blob(self, chunk_id: bytes, blob: bytes | bytearray) -> None:
         self.store.store_chunk_blob(chunk_id, blob)
 

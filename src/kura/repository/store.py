@@ -88,7 +88,7 @@ class RepoStore:
     def chunk_id(self, data: bytes | memoryview) -> bytes:
         return self.master.chunk_id(data)
 
-    def seal_chunk(self, chunk_id: bytes, data: bytes | memoryview) -> bytes:
+    def seal_chunk(self, chunk_id: bytes, data: bytes | memoryview) -> bytes | bytearray:
         return blob.seal(self.master, chunk_id, data, encrypt=self.encrypted,
                          level=self.compression_level)
 
@@ -114,7 +114,7 @@ class RepoStore:
         """True if the chunk is stored; touches it (marks it in use for GC)."""
         return self.backend.touch(chunk_name(chunk_id))
 
-    def store_chunk_blob(self, chunk_id: bytes, data: bytes) -> None:
+    def store_chunk_blob(self, chunk_id: bytes, data: bytes | bytearray) -> None:
         if chunk_id == ZERO_CHUNK:
             return
         self.backend.write(chunk_name(chunk_id), data, sync_dir=False)
@@ -123,8 +123,8 @@ class RepoStore:
 
     def write_object(self, name: str, data: bytes) -> bytes:
         """Seal and store a metadata object; returns the blob (for its hash)."""
-        sealed = blob.seal(self.master, name.encode(), data, encrypt=self.encrypted,
-                           level=self.compression_level)
+        sealed = bytes(blob.seal(self.master, name.encode(), data, encrypt=self.encrypted,
+                                 level=self.compression_level))
         self.backend.write(name, sealed)
         return sealed
 

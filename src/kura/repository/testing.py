@@ -77,7 +77,7 @@ class FaultyBackend:
     def read(self, name: str) -> bytes:
         return self.inner.read(name)
 
-    def write(self, name: str, data: bytes, *, sync_dir: bool = True) -> None:
+    def write(self, name: str, data: bytes | bytearray, *, sync_dir: bool = True) -> None:
         self._count(name)
         self.inner.write(name, data, sync_dir=sync_dir)
 

@@ -69,7 +69,7 @@ class ChunkSink(Protocol):
 
     def has(self, chunk_id: bytes) -> bool: ...
 
-    def put(self, chunk_id: bytes, blob: bytes) -> None: ...
+    def put(self, chunk_id: bytes, blob: bytes | bytearray) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -85,7 +85,7 @@ class StoreSink:
     def has(self, chunk_id: bytes) -> bool:
         return self.store.has_chunk(chunk_id)
 
-    def put(self, chunk_id: bytes, blob: bytes) -> None:
+    def put(self, chunk_id: bytes, blob: bytes | bytearray) -> None:
         self.store.store_chunk_blob(chunk_id, blob)
         with self._lock:
             # Remember the directory only (sync_dirs fsyncs the parent of each name).

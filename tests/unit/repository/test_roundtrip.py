@@ -219,3 +219,28 @@ def test_manifest_moved_to_another_name_is_rejected(tmp_path: Path) -> None:
     fresh = Repository.open(tmp_path / "repo")
     with pytest.raises(IntegrityError):
         fresh.get_snapshot(fake)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(which=st.sampled_from(["index", "manifest"]), pos=st.integers(min_value=0),
+       mode=st.sampled_from(["flip", "truncate"]), encrypted=st.booleans())
+def test_any_metadata_damage_is_detected(which: str, pos: int, mode: str,
+                                         encrypted: bool) -> None:
+    root = Path(tempfile.mkdtemp(prefix="kura-meta-"))
+    repo = make_repo(root / "r", encrypted=encrypted)
+    data = os.urandom(CS) + bytes(CS) + os.urandom(10)
+    m = write_disk(repo, "img", data)
+    path = root / "r" / (m.disks[0].index if which == "index"
+                         else f"snapshots/{m.id}.manifest")
+    raw = bytearray(path.read_bytes())
+    if mode == "flip":
+        raw[pos % len(raw)] ^= 1 << (pos % 8)
+    else:
+        del raw[pos % len(raw):]
+    path.write_bytes(bytes(raw))
+    fresh = Repository.open(root / "r", passphrase=b"correct horse battery staple"
+                            if encrypted else None)
+    with pytest.raises(IntegrityError):
+        fresh.open_disk(m.id, "disk").pread(0, len(data))
+    report = fresh.verify()
+    assert report.failed_snapshots == [m.id]
