@@ -7,7 +7,8 @@ place.
 qcow2 images are created empty and thin (``qemu-img create``), served
 writable by a private ``qemu-nbd`` started through libnbd's systemd socket
 activation (no socket file, no port), and filled with asynchronous NBD
-writes, several in flight, skipping zero chunks so that unallocated clusters
+writes, several in flight on a writer thread while chunks are decrypted and
+verified on the repository's reader threads, skipping zero chunks so that unallocated clusters
 stay unallocated. The result is flushed before qemu-nbd exits, and written
 under a temporary name so that an interrupted restore never leaves a
 half-written image under the real name.
@@ -20,6 +21,8 @@ plaintext), before a single byte of it is written.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -66,28 +69,55 @@ def _fill_qcow2(repo: Repository, manifest: Manifest, disk: str, path: Path, *, 
              "--discard=unmap", str(path)])
     except nbd.Error as exc:
         raise HypervisorError(f"cannot open {path} for writing with qemu-nbd: {exc}") from exc
-    pending: deque[tuple[Any, int]] = deque()
+    # libnbd progresses only while polled: the NBD writes run on their own thread,
+    # fed through a small queue, while this thread decrypts and verifies chunks.
+    handoff: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=inflight)
+    failure: list[BaseException] = []
 
-    def reap(limit: int) -> None:
-        while len(pending) > limit:
-            cookie, length = pending[0]
-            while not h.aio_command_completed(cookie):
-                h.poll(-1)
-            pending.popleft()
-            if progress:
-                progress(length)
+    def writer() -> None:
+        pending: deque[tuple[Any, int]] = deque()
 
+        def reap(limit: int) -> None:
+            while len(pending) > limit:
+                cookie, length = pending[0]
+                while not h.aio_command_completed(cookie):
+                    h.poll(-1)
+                pending.popleft()
+                if progress:
+                    progress(length)
+
+        try:
+            while True:
+                item = handoff.get()
+                if item is None:
+                    break
+                reap(inflight - 1)
+                pending.append((h.aio_pwrite(item[1], item[0]), len(item[1])))
+            reap(0)
+            h.flush()
+        except BaseException as exc:  # reported to the reading thread
+            failure.append(exc)
+            while handoff.get() is not None:  # unblock the producer
+                pass
+
+    thread = threading.Thread(target=writer, name="kura-nbd-write", daemon=True)
+    thread.start()
     try:
         for offset, data in reader.iter_chunks(workers=workers):
+            if failure:
+                break
             if data is None:
                 if progress:
                     progress(min(reader.chunk_size, reader.size - offset))
                 continue
-            reap(inflight - 1)
-            pending.append((h.aio_pwrite(data, offset), len(data)))
-        reap(0)
-        h.flush()
+            handoff.put((offset, data))
+    finally:
+        handoff.put(None)
+        thread.join()
+    if failure:
+        raise HypervisorError(f"writing {path} failed: {failure[0]}") from failure[0]
+    try:
         h.shutdown()
     except nbd.Error as exc:
-        raise HypervisorError(f"writing {path} failed: {exc}") from exc
+        raise HypervisorError(f"closing {path} failed: {exc}") from exc
     # Dropping the handle closes it and reaps qemu-nbd.

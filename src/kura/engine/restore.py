@@ -234,6 +234,9 @@ def restore_vm(hv: Hypervisor, repo: Repository, manifest: Manifest, options: Re
             log.info(f"disks go to storage pool {options.pool} ({pool_dir})")
         place = _plan(manifest, domain_xml, options)
         _check(hv, place, options, options.define)
+        existing = hv.find(place.name) if renamed else None
+        if existing is not None:  # replaced with --force: keep its UUID so define overwrites
+            place.uuid = str(existing.UUIDString())
         result.vm, result.uuid = place.name, place.uuid
         for target, (path, fmt) in place.disks.items():
             log.info(f"disk {target} -> {path} ({fmt})")
