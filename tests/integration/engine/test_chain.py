@@ -72,7 +72,9 @@ def test_workload_backup_is_application_consistent_and_boots(lab: Lab, lab_vm,
     with node_of(lab, vm) as hv:
         backup_vm(hv, repo, vm.name, BackupOptions(consistency="require"))
         time.sleep(3)  # the workload keeps writing
+        _running, seq_before = vm.workload_status()
         r = backup_vm(hv, repo, vm.name, BackupOptions(consistency="require"))
+        _running, seq_after = vm.workload_status()
         assert r.kind == "incremental" and r.consistency == "application"
         m = repo.get_snapshot(r.restore_point)
         assert m.consistency == "application" and m.meta["frozen_seconds"] is not None
@@ -83,6 +85,8 @@ def test_workload_backup_is_application_consistent_and_boots(lab: Lab, lab_vm,
         verdict = lab.verify_disk(disk, fmt="qcow2")
         assert verdict.ok and verdict.fsck_clean, verdict.errors
         assert verdict.files_checked > 0
+        # Every file committed before the freeze is there and intact.
+        assert seq_before <= verdict.last_seq <= seq_after
         dom = hv.lookup(new)
         try:
             assert dom.UUIDString() != vm.uuid
