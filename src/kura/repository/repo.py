@@ -58,7 +58,9 @@ ProgressFn = Callable[[int], None]
 
 
 def _workers(n: int | None) -> int:
-    return n if n and n > 0 else (os.cpu_count() or 2)
+    # Twice the CPUs: hashing, zstd and AES release the GIL, and a worker waiting in
+    # fsync or a read leaves its core to another one.
+    return n if n and n > 0 else 2 * (os.cpu_count() or 2)
 
 
 class Repository:
