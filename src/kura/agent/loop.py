@@ -73,6 +73,7 @@ class Agent:
         self._workers: list[threading.Thread] = []
         self._running: dict[int, TaskContext] = {}
         self._silent = False
+        self._claimed: set[int] = set()
         self.fatal: KuraError | None = None
 
     # ---- main loop -----------------------------------------------------
@@ -85,7 +86,8 @@ class Agent:
         backoff = Backoff(self.settings.backoff_max)
         while not self.stop_event.is_set():
             try:
-                tasks = self.client.poll(self.instance, self.settings.poll_wait)
+                tasks = self.client.poll(self.instance, self.settings.poll_wait,
+                                         running=sorted(self._claimed))
                 backoff.ok()
             except AuthError as exc:
                 self.fatal = exc
@@ -97,6 +99,7 @@ class Agent:
                 self.stop_event.wait(delay)
                 continue
             for task in tasks:
+                self._claimed.add(task.id)
                 self._slots.acquire()
                 t = threading.Thread(target=self._work, args=(task,),
                                      name=f"kura-task-{task.id}", daemon=True)
@@ -155,6 +158,7 @@ class Agent:
         except Exception:  # one task never takes the agent down
             log.exception("task %d crashed", task.id)
         finally:
+            self._claimed.discard(task.id)
             self._slots.release()
 
     def _run_task(self, task: schemas.TaskOut) -> None:
@@ -165,8 +169,7 @@ class Agent:
             with lock:
                 pending.append(ev)
 
-        ctx = TaskContext(task, emit)
-        self._running[task.id] = ctx
+        ctx = self._running[task.id] = TaskContext(task, emit)
         done = threading.Event()
         last_contact = [time.monotonic()]
 

@@ -65,7 +65,7 @@ class RemoteBackend:
             raise RepositoryError(f"unexpected answer reading {name}")
         return data
 
-    def write(self, name: str, data: bytes, *, sync_dir: bool = True) -> None:
+    def write(self, name: str, data: bytes | bytearray, *, sync_dir: bool = True) -> None:
         self._do(name, "PUT", self._obj(name), content=bytes(data))
 
     def create(self, name: str, data: bytes) -> bool:

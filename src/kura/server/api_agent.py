@@ -71,7 +71,8 @@ def heartbeat(who: AgentP, ctx: Ctx) -> schemas.Message:
 @router.post("/poll", response_model=schemas.PollResponse)
 def poll(body: schemas.PollRequest, who: AgentP, ctx: Ctx) -> schemas.PollResponse:
     """Long poll: returns this agent's new tasks, or an empty list after ``wait`` seconds."""
-    return schemas.PollResponse(tasks=ctx.engine.claim_tasks(who.id, body.instance, body.wait))
+    return schemas.PollResponse(tasks=ctx.engine.claim_tasks(who.id, body.instance, body.wait,
+                                                             running=body.running))
 
 
 @router.post("/tasks/{task_id}/events", response_model=schemas.TaskControl)

@@ -183,9 +183,11 @@ class ServerClient:
     def heartbeat(self) -> None:
         self.request("POST", "/api/agent/heartbeat")
 
-    def poll(self, instance: str, wait: float) -> list[schemas.TaskOut]:
+    def poll(self, instance: str, wait: float,
+             running: list[int] | None = None) -> list[schemas.TaskOut]:
         data = self.request("POST", "/api/agent/poll",
-                            json={"instance": instance, "wait": wait}, timeout=wait + 30)
+                            json={"instance": instance, "wait": wait,
+                                  "running": running or []}, timeout=wait + 30)
         return schemas.PollResponse.model_validate(data).tasks
 
     def task_events(self, task_id: int, events: list[schemas.TaskEvent]) -> schemas.TaskControl:

@@ -391,12 +391,24 @@ class JobEngine:
                     kind="AgentRestarted", message="the agent process restarted"),
                     agent.node.name)
 
-    def claim_tasks(self, agent_id: str, instance: str, wait: float) -> list[schemas.TaskOut]:
-        """Long poll: the agent's queued tasks, waiting up to ``wait`` seconds for one."""
+    def claim_tasks(self, agent_id: str, instance: str, wait: float,
+                    running: list[int] | None = None) -> list[schemas.TaskOut]:
+        """Long poll: the agent's queued tasks, waiting up to ``wait`` seconds for one.
+
+        ``running`` is what the agent says it is working on: a task sent to it a
+        while ago that it does not list never reached it (the answer to an
+        earlier poll was lost with its connection), and fails so it is retried.
+        A poll from a process that is no longer the agent's current instance
+        returns nothing, so a dead process's pending poll cannot take work.
+        """
         self.touch_agent(agent_id, instance)
+        if running is not None:
+            self._forget_lost(agent_id, set(running))
         deadline = utcnow() + timedelta(seconds=min(wait, self.settings.poll_wait))
         with self._cond:
             while True:
+                if self._instances.get(agent_id) != instance:
+                    return []
                 with self.catalog.session() as s:
                     tasks = list(s.scalars(select(Task).where(Task.agent_id == agent_id,
                                                               Task.state == "queued")))
@@ -415,6 +427,17 @@ class JobEngine:
                     return []
                 self._cond.wait(min(left, 5.0))
                 self._touch_only(agent_id)
+
+    def _forget_lost(self, agent_id: str, running: set[int]) -> None:
+        cutoff = utcnow() - timedelta(seconds=10)
+        with self._lock, self.catalog.session() as s:
+            for task in s.scalars(select(Task).where(Task.agent_id == agent_id,
+                                                     Task.state == "sent")):
+                if task.id not in running and task.sent is not None and task.sent < cutoff:
+                    agent = s.get_one(Agent, agent_id)
+                    self._fail_task(s, task, schemas.ErrorInfo(
+                        kind="AgentLost", message="the task never reached the agent (the "
+                        "connection that carried it dropped)"), agent.node.name)
 
     def _touch_only(self, agent_id: str) -> None:
         with self.catalog.session() as s:

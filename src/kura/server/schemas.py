@@ -105,6 +105,7 @@ class InventoryReport(Strict):
 class PollRequest(Strict):
     instance: Annotated[str, Field(min_length=1, max_length=64)]
     wait: Annotated[float, Field(ge=0, le=60)] = 20.0
+    running: Annotated[list[Annotated[int, Field(ge=1, le=2**62)]], Field(max_length=1000)] = []
 
 
 class TaskOut(BaseModel):

@@ -102,7 +102,8 @@ def test_incremental_uploads_only_new_chunks_and_restores(
     uploads: list[str] = []
     real_write = RemoteBackend.write
 
-    def counting(self: RemoteBackend, name: str, data: bytes, *, sync_dir: bool = True) -> None:
+    def counting(self: RemoteBackend, name: str, data: bytes | bytearray, *,
+                 sync_dir: bool = True) -> None:
         if name.startswith("chunks/"):
             uploads.append(name)
         real_write(self, name, data, sync_dir=sync_dir)
