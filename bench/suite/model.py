@@ -42,6 +42,7 @@ KURA_IMAGE_RESTORE = "kura restore --image → raw"
 BORG = "borg create zstd,3 (raw file)"
 VNB_COPY = "virtnbdbackup -l copy -z"
 NBDCOPY = "nbdcopy → null:"
+READ_LOOP = "libnbd read loop (kura.nbd, 8 in flight)"
 
 
 @dataclass

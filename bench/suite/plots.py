@@ -15,13 +15,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from suite.model import Results
+from suite.model import ROLES, Results
 
 MIB = 1 << 20
 COLOURS = {"kura": "#1f5fbf", "kura-alt": "#8fb3e8", "peer": "#9a9a9a", "limit": "#2e8b57",
@@ -31,31 +32,36 @@ LABELS = {"kura": "kura", "kura-alt": "kura (other path)", "peer": "peer",
 
 
 def throughput(results: Results, path: Path) -> Path:
-    groups = [g for g in results.groups() if not g.startswith("6 ")]
+    groups = sorted(g for g in results.groups() if not g.startswith("6 "))
     heights = [max(1, len(results.group(g))) for g in groups]
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, 0.42 * sum(heights) + 1.1 * len(groups)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
-    seen: set[str] = set()
+    handles: dict[str, Any] = {}
     for ax, g in zip(axes[:, 0], groups, strict=True):
-        rows = results.group(g)[::-1]
+        rows = sorted(results.group(g), key=lambda r: ROLES.index(r.role))[::-1]
         values = [r.throughput / MIB for r in rows]
         bars = ax.barh([r.tool for r in rows], values,
                        color=[COLOURS[r.role] for r in rows])
         for bar, r in zip(bars, rows, strict=True):
-            if r.role not in seen:
-                bar.set_label(LABELS[r.role])
-                seen.add(r.role)
+            handles.setdefault(r.role, bar)
         top = max(values) if values else 1.0
-        for y, v in enumerate(values):
-            ax.text(v + top * 0.01, y, f"{v:,.0f}", va="center", fontsize=8)
-        ax.set_xlim(0, top * 1.15)
+        for y, (v, r) in enumerate(zip(values, rows, strict=True)):
+            ratio = results.ratio(r)
+            extra = ""
+            if ratio is not None:
+                extra = (f"   (kura takes {ratio:.1f}× its time)" if r.role in ("limit", "derived")
+                         else f"   (its time = {ratio:.2f}× kura's)")
+            ax.text(v + top * 0.01, y, f"{v:,.0f}{extra}", va="center", fontsize=8)
+        ax.set_xlim(0, top * 1.45)
         ax.set_title(g, loc="left", fontsize=10, fontweight="bold")
         ax.tick_params(axis="y", labelsize=8)
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("MiB/s of the scenario's data (allocated, or changed for the "
                            "incremental); longer is faster")
-    fig.legend(loc="upper right", fontsize=8, ncol=len(seen), frameon=False)
+    order = [role for role in ROLES if role in handles]
+    fig.legend([handles[role] for role in order], [LABELS[role] for role in order],
+               loc="upper right", fontsize=8, ncol=len(order), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -84,13 +90,16 @@ def scaling(results: Results, path: Path) -> Path:
             ax_t.annotate(f"{p['allocated'] / MIB:,.0f} MiB", (x, p["seconds"]),
                           textcoords="offset points", xytext=(4, 6), fontsize=7,
                           color=colour)
+    sizes = sorted({p["virtual"] / (1 << 30) for p in results.scaling})
     for ax in (ax_t, ax_m):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [f"{x:g}" for x in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("disk virtual size, GiB (log scale)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     ax_t.set_ylabel("full backup time, s")
-    ax_t.set_title("time follows allocated data, not disk size", fontsize=10)
+    ax_t.set_title("kura full backup time against disk size", fontsize=10)
     ax_m.set_ylabel("kura peak RSS, MiB")
     ax_m.set_title("peak memory of the backup process", fontsize=10)
     ax_m.set_ylim(bottom=0)

@@ -62,7 +62,7 @@ def main_table(results: Results, *, scaling: bool = False) -> str:
             "read MiB | peak RSS MiB | note |\n"
             "|---|---|---:|---:|---:|---:|---:|---:|---|\n")
     lines = []
-    for r in results.rows:
+    for r in sorted(results.rows, key=lambda r: r.group):  # stable: run order inside a group
         if r.group.startswith(G6) != scaling:
             continue
         lines.append(f"| {r.group} | {r.tool} | {secs(r)} | {r.throughput / MIB:,.0f} | "
@@ -76,7 +76,7 @@ def ratio_table(results: Results) -> str:
     limit (kura time ÷ limit time)."""
     lines = ["| scenario | kura s | kura vs peers (peer time ÷ kura time) | "
              "kura ÷ limit |", "|---|---:|---|---|"]
-    for g in results.groups():
+    for g in sorted(results.groups()):
         if g.startswith(G6):
             continue
         k = results.kura(g)

@@ -7,7 +7,8 @@ quarter-scale check for development).
 
 1. **Full backup of a running VM** (``s1``): vdb = the base image (2 GiB,
    1 GiB allocated). kura (``kura backup``), ``virtnbdbackup -l copy -z``,
-   the NBD read limit (nbdcopy) and the CPU floor; borg and restic read the
+   the NBD read limit (nbdcopy; and kura's own libnbd reader alone) and the
+   CPU floor; borg and restic read the
    same data as a raw file. The repository engineer's ``bench/repo_bench.py``
    is run as is (a child process, its JSON read back) for kura's image path
    and borg, which are also issue 2's figures.
@@ -65,6 +66,7 @@ from suite.model import (
     KURA_IMAGE,
     KURA_IMAGE_RESTORE,
     NBDCOPY,
+    READ_LOOP,
     VNB_COPY,
     Results,
     Row,
@@ -184,6 +186,7 @@ class Suite:
             self.log(f"   round {i + 1}/{self.p.repeat}")
             lim = self.lab.read_limit(vm)
             note(NBDCOPY, lim.seconds, rss=lim.rss)
+            note(READ_LOOP, self.lab.read_loop(vm))
             kura.init()
             run_, res = kura.backup_vms(["s1"], uri, full=True)
             note("kura", run_.seconds, rss=run_.rss, stored=kura.stored(),
@@ -194,10 +197,11 @@ class Suite:
             restic.init()
             rr = restic.backup(b.raw)
             note("restic backup (raw file)", rr.seconds, rss=rr.rss, stored=restic.stored())
-        roles = {"kura": "kura", NBDCOPY: "limit"}
+        roles = {"kura": "kura", NBDCOPY: "limit", READ_LOOP: "limit"}
         notes = {VNB_COPY: "output includes the guest kernel and initrd "
                  "(18 MB) it copies for direct-boot VMs",
-                 NBDCOPY: "reads the allocated data of the same pull-mode export"}
+                 NBDCOPY: "reads the allocated data of the same pull-mode export",
+                 READ_LOOP: "kura's own reader alone, same export, in-process"}
         for tool, secs in samples.items():
             kw = extra[tool]
             self.r.add(Row(G1, tool, roles.get(tool, "peer"), secs, b.allocated,
