@@ -91,14 +91,11 @@ def test_live_migration_both_ways_with_workload(lab: Lab, lab_vm: VMFactory) -> 
     assert vm.uuid not in {d.UUIDString() for d in lab.connect("node-b").listAllDomains()}
 
 
-def test_live_migration_needs_shared_storage(lab: Lab, lab_vm: VMFactory) -> None:
-    vm = lab_vm(storage="local")
-    with pytest.raises(LabError, match="--offline"):
-        lab.migrate(vm.name, "node-b")
-
-
 def test_offline_migration_moves_local_disks(lab: Lab, lab_vm: VMFactory) -> None:
     vm = lab_vm(storage="local", workload=True, node="node-a")
+    assert vm.disk_paths[0].is_relative_to(lab.node("node-a").local_dir)
+    with pytest.raises(LabError, match="--offline"):
+        lab.migrate(vm.name, "node-b")  # live migration needs shared storage
     seq = _wait_seq_above(vm, 0)
     lab.migrate(vm.name, "node-b", offline=True)
     moved = lab.vm(vm.name)

@@ -90,13 +90,6 @@ def test_vm_without_agent(lab: Lab, lab_vm: VMFactory) -> None:
     assert verdict.ok, verdict.errors
 
 
-def test_vm_on_local_storage(lab: Lab, lab_vm: VMFactory) -> None:
-    vm = lab_vm(storage="local", node="node-b")
-    assert vm.node == "node-b" and vm.storage == "local"
-    assert vm.disk_paths[0].is_relative_to(lab.node("node-b").local_dir)
-    assert lab.status()["vms"][-1]["storage"] in ("local", "shared")
-
-
 def _frozen_copy(lab: Lab, vm_name: str, dest: Path) -> None:
     """A live, application-consistent copy: freeze, copy the image, thaw."""
     dom = lab.vm(vm_name).domain()
