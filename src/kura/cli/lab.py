@@ -14,7 +14,7 @@ import click
 
 from kura.cli.common import console, emit_json, err_console, state, table
 from kura.errors import LabError
-from kura.lab import DiskSpec, Lab
+from kura.lab import DiskSpec, Lab, host
 from kura.lab.lab import default_root
 from kura.lab.verify import verify_image
 
@@ -89,6 +89,7 @@ def lab_group(ctx: click.Context, lab_dir: Path | None) -> None:
 def up_cmd(ctx: click.Context, nodes: int, vms: int, index: int | None) -> None:
     """Build (or recover) the lab and start its nodes and VMs."""
     st = state(ctx)
+    host.require_host()  # before touching anything: a clear message when not root
     lab = Lab.create(_root(ctx), index=index)
     lab.progress = _progress_printer(st.json)
     lab.up(nodes=nodes, vms=vms)

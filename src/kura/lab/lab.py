@@ -112,8 +112,12 @@ class Lab:
     def create(cls, root: Path | None = None, *, index: int | None = None) -> Lab:
         """Load the lab at ``root`` or create its state (claiming a lab index)."""
         root = (root or default_root()).absolute()
-        root.mkdir(parents=True, exist_ok=True)
-        root.chmod(0o755)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            root.chmod(0o755)
+        except PermissionError as exc:
+            raise LabError(f"cannot create the lab directory {root}: permission denied",
+                           hint="the lab must run as root (sudo kura lab up)") from exc
         _check_traversable(root)
         with locked(root / "lab.lock"):
             state = load_state(root)
