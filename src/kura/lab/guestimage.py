@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def _load(directory: Path) -> GuestImage | None:
                       initrd=directory / "initrd.img", kernel_release=data["kernel_release"])
 
 
-def ensure_guest_image(cache: Path | None = None) -> GuestImage:
+def ensure_guest_image(cache: Path | None = None, *,
+                       progress: Callable[[str], None] | None = None) -> GuestImage:
     """Return the cached guest image for the current inputs, building it if needed."""
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
@@ -143,6 +145,8 @@ def ensure_guest_image(cache: Path | None = None) -> GuestImage:
         found = _load(cache / key)  # another lab may have built it meanwhile
         if found:
             return found
+        if progress is not None:
+            progress(f"building the guest image {key} in {cache} (first time only)")
         return _build(cache, key, inputs)
 
 

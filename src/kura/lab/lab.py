@@ -64,6 +64,7 @@ from kura.lab.state import (
     NodeRecord,
     VMRecord,
     allocate_index,
+    ensure_claim,
     load_state,
     locked,
     node_address,
@@ -215,7 +216,7 @@ class Lab:
 
     def image(self) -> GuestImage:
         if self._image is None:
-            self._image = ensure_guest_image()
+            self._image = ensure_guest_image(progress=self.progress)
         return self._image
 
     # -- up / down -------------------------------------------------------------------
@@ -235,6 +236,7 @@ class Lab:
         # (seconds each) when /dev/kvm exists but QEMU's user cannot open it.
         host.kvm_access()
         with self._mutate() as st:
+            ensure_claim(self.root, st.index)
             st.accel = accel
             for i in range(len(st.nodes), nodes):
                 st.nodes.append(NodeRecord(name=node_name(i), address=node_address(st.index, i),

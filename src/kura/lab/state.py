@@ -207,6 +207,22 @@ def allocate_index(root: Path, preferred: int | None = None, *, start: int = 0) 
                    f"{LIBVIRTD_PORT} in use", hint="bring down unused labs with `kura lab down`")
 
 
+def ensure_claim(root: Path, index: int) -> None:
+    """Re-assert ``root``'s claim on its index (the registry lives in /run: a reboot
+    empties it). Raises LabError if another live lab has claimed the index meanwhile."""
+    reg = registry_dir()
+    claim = reg / str(index)
+    with locked(reg / ".lock"):
+        if claim.exists():
+            owner = claim.read_text().strip()
+            if owner == str(root):
+                return
+            if _claim_live(claim, owner, index):
+                raise LabError(f"lab index {index} of {root} is now used by the lab at {owner}",
+                               hint=f"run `kura lab down` for {root} and bring it up again")
+        claim.write_text(f"{root}\n")
+
+
 def release_index(root: Path, index: int) -> None:
     claim = registry_dir() / str(index)
     with locked(registry_dir() / ".lock"):

@@ -13,6 +13,7 @@ from kura.lab.state import (
     NodeRecord,
     VMRecord,
     allocate_index,
+    ensure_claim,
     load_state,
     node_address,
     node_name,
@@ -92,3 +93,19 @@ def test_release_only_own_claim(tmp_path: Path, _registry: Path) -> None:
     assert (_registry / str(ia)).exists()
     release_index(a, ia)
     assert not (_registry / str(ia)).exists()
+
+
+def test_ensure_claim_after_registry_loss(tmp_path: Path, _registry: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    ia = allocate_index(a, start=20)
+    save_state(a, LabState(index=ia))
+    ensure_claim(a, ia)  # own claim: nothing to do
+    (_registry / str(ia)).unlink()  # a reboot empties /run
+    ensure_claim(a, ia)
+    assert (_registry / str(ia)).read_text().strip() == str(a)
+    b.mkdir()
+    (_registry / str(ia)).write_text(f"{b}\n")  # another lab took it meanwhile
+    save_state(b, LabState(index=ia))
+    with pytest.raises(LabError, match="now used by"):
+        ensure_claim(a, ia)
