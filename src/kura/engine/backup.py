@@ -199,7 +199,7 @@ def _run(hv: Hypervisor, repo: Repository, ref: str, options: BackupOptions, log
         for note in plan.notes:
             log.info(note)
         keep = {plan.checkpoint.name} if plan.checkpoint else set()
-        if live:
+        if live or info.state == "shut off":
             for gone in checkpoints.remove_strays(dom, info, keep):
                 log.info(f"removed stray checkpoint {gone}")
         log.info(f"VM {info.name} ({info.uuid}), {info.state}, on node {node.hostname}: "
@@ -215,16 +215,7 @@ def _run(hv: Hypervisor, repo: Repository, ref: str, options: BackupOptions, log
         if live:
             _live(hv, dom, info, plan, sizes, w, options, log, result, node)
         else:
-            with contextlib.ExitStack() as stack:
-                consistency, sources = offline.prepare(dom, info, stack, log)
-                result.consistency = consistency
-                _fill_meta(w, info, plan, node, consistency, None, None, log,
-                           "the VM was off" if consistency == "offline" else "saved VM")
-                with log.phase("data"):
-                    _read_disks(sources, info, plan, sizes, w, options, log, result)
-                with log.phase("finish"):
-                    manifest = w.commit()
-                    log.info(f"restore point {manifest.id} committed")
+            _offline(dom, info, plan, sizes, w, options, log, result, node)
         result.ok = True
     except BaseException:
         w.abort()
@@ -316,6 +307,40 @@ def _live(hv: Hypervisor, dom: Any, info: DomainInfo, plan: ChainPlan, sizes: di
             guard = None
     finally:
         _cleanup(dom, quiescer, view, new_cp, committed, guard, log)
+
+
+def _offline(dom: Any, info: DomainInfo, plan: ChainPlan, sizes: dict[str, int],
+             w: SnapshotWriter, options: BackupOptions, log: JobLog, result: BackupResult,
+             node: NodeIdentity) -> None:
+    """Phases 3-6 for a shut-off or saved VM (see :mod:`kura.engine.offline`)."""
+    new_cp = None
+    if info.state == "shut off" and any(d.trackable for d in info.disks):
+        new_cp = checkpoints.checkpoint_name(w.id)
+    committed = False
+    try:
+        with contextlib.ExitStack() as stack:
+            consistency, sources, stored = offline.prepare(dom, info, plan, new_cp,
+                                                           node.hostname, stack, log)
+            result.consistency = consistency
+            _fill_meta(w, info, plan, node, consistency, None, stored, log,
+                       "the VM was off" if consistency == "offline" else "saved VM")
+            with log.phase("data"):
+                _read_disks(sources, info, plan, sizes, w, options, log, result)
+        with log.phase("finish"):
+            manifest = w.commit()
+            committed = True
+            log.info(f"restore point {manifest.id} committed"
+                     + (f"; checkpoint {new_cp} is the base of the next incremental"
+                        if new_cp else ""))
+            if new_cp:
+                for gone in checkpoints.remove_strays(dom, info, {new_cp}):
+                    log.info(f"deleted older checkpoint {gone}")
+    finally:
+        if new_cp and not committed:
+            try:
+                checkpoints.delete(dom, new_cp, info)
+            except KuraError as exc:
+                log.error(f"{exc}; it will be removed by the next backup")
 
 
 def _quiesce(quiescer: Quiescer, info: DomainInfo, options: BackupOptions,

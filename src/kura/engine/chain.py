@@ -10,9 +10,9 @@ VM-wide (the whole restore point becomes a full, a new chain):
 
 - ``--full`` was asked for;
 - the VM has no committed restore point yet, or the latest one has no
-  checkpoint (it was taken offline, or on raw disks only);
+  checkpoint (it was taken of a saved VM, or of raw disks only);
 - the latest restore point failed verification;
-- the VM is not running (offline backups read whole disks);
+- the VM is saved (its bitmaps may live in the save image, not the disk);
 - the checkpoint is unknown to libvirt here and cannot be redefined from the
   stored XML, or its bitmaps are missing, disabled or inconsistent.
 
@@ -46,6 +46,7 @@ class DiskPlan:
     reason: str
     base: DiskEntry | None = None  # the parent's entry (incremental and full-with-parent)
     bitmap_checkpoint: str | None = None  # read changes since this checkpoint
+    bitmap: str | None = None  # that checkpoint's bitmap in this disk's image
 
 
 @dataclass(frozen=True)
@@ -76,17 +77,17 @@ def plan(repo: Repository, dom: Any, info: DomainInfo, sizes: dict[str, int], *,
     stored = StoredCheckpoint.from_meta(parent.meta.get("checkpoint"))
     if stored is None:
         return _full(info, f"the previous restore point {parent.id} has no checkpoint")
-    if not live:
-        return _full(info, f"the VM is {info.state}: an offline backup reads whole disks")
+    if not live and info.state != "shut off":
+        return _full(info, f"the VM is {info.state}: its disks are read in full")
     notes: list[str] = []
     try:
         if checkpoints.lookup(dom, stored.name) is None:
-            checkpoints.redefine(dom, stored, validate=True)
+            checkpoints.redefine(dom, stored, validate=live)
             where = f" (created on {stored.node})" if stored.node and stored.node != node else ""
             notes.append(f"checkpoint {stored.name}{where} redefined on {node} "
-                         "from the repository and validated")
+                         "from the repository" + (" and validated" if live else ""))
     except KuraError as exc:
-        _forget(dom, stored.name)
+        _forget(dom, stored.name, info)
         return _full(info, f"checkpoint of {parent.id} cannot be restored on this node: "
                            f"{exc.message}", tuple(notes))
     parent_disks = {d.name: d for d in parent.disks}
@@ -94,7 +95,7 @@ def plan(repo: Repository, dom: Any, info: DomainInfo, sizes: dict[str, int], *,
                   if d.trackable and d.target in parent_disks and d.target in stored.disks]
     problem = checkpoints.bitmap_problem(dom, info, stored, candidates)
     if problem is not None:
-        _forget(dom, stored.name)
+        _forget(dom, stored.name, info)
         return _full(info, f"the change tracking since {parent.id} cannot be trusted: {problem}",
                      tuple(notes))
     disks: dict[str, DiskPlan] = {}
@@ -114,7 +115,8 @@ def plan(repo: Repository, dom: Any, info: DomainInfo, sizes: dict[str, int], *,
                                        f"disk {d.target} had no bitmap in {stored.name}")
         else:
             disks[d.target] = DiskPlan(d.target, "incremental",
-                                       f"changes since {parent.id}", prev, stored.name)
+                                       f"changes since {parent.id}", prev, stored.name,
+                                       stored.disks[d.target])
     increments = [p for p in disks.values() if p.mode == "incremental"]
     if not increments:
         return _full(info, "no disk of the VM can be read incrementally", tuple(notes))
@@ -125,7 +127,7 @@ def plan(repo: Repository, dom: Any, info: DomainInfo, sizes: dict[str, int], *,
     return ChainPlan("incremental", reason, parent, stored, disks, tuple(notes))
 
 
-def _forget(dom: Any, name: str) -> None:
+def _forget(dom: Any, name: str, info: DomainInfo) -> None:
     """Drop a checkpoint that cannot be trusted (it would only cost write overhead)."""
     with contextlib.suppress(KuraError):
-        checkpoints.delete(dom, name)
+        checkpoints.delete(dom, name, info)

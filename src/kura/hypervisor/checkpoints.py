@@ -29,8 +29,10 @@ deleted on every failure path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +41,7 @@ import libvirt
 
 from kura.errors import CheckpointError, HypervisorError
 from kura.hypervisor.domain import DomainInfo
-from kura.hypervisor.qemuimg import image_info, remove_bitmap
+from kura.hypervisor.qemuimg import add_bitmap, image_info, remove_bitmap
 
 PREFIX = "kura-"
 
@@ -133,10 +135,18 @@ def redefine(dom: Any, stored: StoredCheckpoint, *, validate: bool) -> None:
             from exc
 
 
-def delete(dom: Any, name: str) -> None:
-    """Delete a checkpoint and its bitmaps (metadata only if the bitmaps are gone)."""
+def delete(dom: Any, name: str, info: DomainInfo | None = None) -> None:
+    """Delete a checkpoint and its bitmaps.
+
+    libvirt deletes bitmaps only in a running domain; for a shut-off one the
+    metadata is deleted and the bitmaps are removed from the images with
+    qemu-img (``info`` names the disks). Metadata alone goes if the bitmaps are
+    already gone.
+    """
     cp = lookup(dom, name)
     if cp is None:
+        if info is not None and info.state == "shut off":
+            _remove_image_bitmaps(info, name)
         return
     try:
         cp.delete(0)
@@ -146,6 +156,47 @@ def delete(dom: Any, name: str) -> None:
             cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
         except libvirt.libvirtError:
             raise CheckpointError(f"cannot delete checkpoint {name}: {first}") from first
+    if info is not None and info.state == "shut off":
+        _remove_image_bitmaps(info, name)
+
+
+def _remove_image_bitmaps(info: DomainInfo, name: str) -> None:
+    for d in info.disks:
+        if d.trackable and d.path:
+            try:
+                if image_info(d.path).bitmap(name) is not None:
+                    remove_bitmap(d.path, name)
+            except HypervisorError as exc:
+                raise CheckpointError(f"cannot remove bitmap {name} from {d.path}: "
+                                      f"{exc.message}") from exc
+
+
+def create_offline(dom: Any, info: DomainInfo, name: str, description: str) -> None:
+    """A new checkpoint for a shut-off domain (libvirt only creates them live).
+
+    The bitmaps are added to the qcow2 images with ``qemu-img bitmap --add``
+    (enabled and persistent: QEMU records every write from its next start),
+    then the metadata is defined with ``REDEFINE`` as libvirt would have.
+    """
+    added: list[str] = []
+    try:
+        for d in info.disks:
+            if d.trackable and d.path:
+                add_bitmap(d.path, name)
+                added.append(d.path)
+        root = ET.fromstring(new_checkpoint_xml(name, info, description))
+        ET.SubElement(root, "creationTime").text = str(int(time.time()))
+        for el in root.findall("disks/disk"):
+            if el.get("checkpoint") == "bitmap":
+                el.set("bitmap", name)
+        dom.checkpointCreateXML(ET.tostring(root, encoding="unicode"),
+                                libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+    except (libvirt.libvirtError, HypervisorError) as exc:
+        for path in added:
+            with contextlib.suppress(HypervisorError):
+                remove_bitmap(path, name)
+        msg = exc.message if isinstance(exc, HypervisorError) else str(exc)
+        raise CheckpointError(f"cannot create checkpoint {name} offline: {msg}") from exc
 
 
 def _qmp(dom: Any, command: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -217,7 +268,7 @@ def remove_strays(dom: Any, info: DomainInfo, keep: set[str]) -> list[str]:
     removed: list[str] = []
     for name in names(dom):
         if _KURA_RE.match(name) and name not in keep:
-            delete(dom, name)
+            delete(dom, name, info)
             removed.append(name)
     # Bitmaps without metadata (left by a node that no longer knows them).
     running = info.state in ("running", "paused")

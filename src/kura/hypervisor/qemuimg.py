@@ -91,6 +91,11 @@ def create_image(path: str, fmt: str, size: int) -> None:
     _run([*argv, path, str(size)])
 
 
+def add_bitmap(path: str, name: str) -> None:
+    """Add an enabled persistent bitmap to a qcow2 image no process has open."""
+    _run(["qemu-img", "bitmap", "--add", "--enable", path, name])
+
+
 def remove_bitmap(path: str, name: str) -> None:
     """Remove a persistent bitmap from a qcow2 image no process has open."""
     _run(["qemu-img", "bitmap", "--remove", path, name])

@@ -112,12 +112,27 @@ def test_shut_off_and_saved_vms(lab: Lab, lab_vm, repo: Repository, tmp_path: Pa
                         str(vm.disk_paths[0])], check=True, capture_output=True)
         assert lab.verify_disk(out, fmt="raw").fsck_clean
 
+        # An offline incremental: the checkpoint was created offline (qemu-img bitmaps).
         vm.start()
+        vm.write_pattern(0, 1 << 20, 0x56, disk="vda")
+        vm.shutdown()
+        r = backup_vm(hv, repo, vm.name, BackupOptions())
+        assert r.ok and r.kind == "incremental" and r.consistency == "offline", r.reason
+        assert 0 < r.bytes_read < (64 << 20)
+        out = tmp_path / "off2.raw"
+        restore_disk_file(repo, repo.get_snapshot(r.restore_point), "vda", out)
+        subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", str(out),
+                        str(vm.disk_paths[0])], check=True, capture_output=True)
+        # ... and the chain goes on live from the offline checkpoint.
+        vm.start()
+        r = backup_vm(hv, repo, vm.name, BackupOptions())
+        assert r.ok and r.kind == "incremental" and r.consistency == "application", r.reason
+
         vm.domain().managedSave(0)
         r = backup_vm(hv, repo, vm.name, BackupOptions())
-        assert r.ok and r.state == "saved" and r.consistency == "crash"
+        assert r.ok and r.state == "saved" and r.consistency == "crash" and r.kind == "full"
         vm.start()
         r = backup_vm(hv, repo, vm.name, BackupOptions())
-        assert r.ok and r.kind == "full"  # offline restore points carry no checkpoint
+        assert r.ok and r.kind == "full"  # restore points of saved VMs carry no checkpoint
         r = backup_vm(hv, repo, vm.name, BackupOptions())
         assert r.kind == "incremental"
