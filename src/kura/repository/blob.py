@@ -5,8 +5,9 @@ Layout (all integers big-endian)::
     magic "KURB" | version u8 (=1) | flags u8 | payload
 
 ``flags`` bit 0: the data was zstd-compressed (a blob is stored raw when
-compression does not make it smaller); bit 1: the payload is encrypted. Other
-bits must be zero.
+compression does not make it smaller, or when four 16 KiB samples of a large
+chunk do not shrink by 3 %: random or already compressed data); bit 1: the
+payload is encrypted. Other bits must be zero.
 
 - encrypted payload: ``nonce(12) | AES-256-GCM(data key, nonce, data)`` with
   associated data ``header(6) | binding``;
@@ -59,11 +60,30 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+_SAMPLE = 16 << 10
+_SAMPLES = 4
+
+
+def _incompressible(data: bytes | memoryview, comp: zstandard.ZstdCompressor) -> bool:
+    """True if samples spread over ``data`` all fail to shrink by 3 % (random or
+    already compressed data): then compressing the whole chunk would be wasted."""
+    view = memoryview(data)
+    step = (len(view) - _SAMPLE) // (_SAMPLES - 1)
+    for i in range(_SAMPLES):
+        sample = view[i * step: i * step + _SAMPLE]
+        if len(comp.compress(sample)) < len(sample) * 0.97:
+            return False
+    return True
+
+
 def compress(data: bytes | memoryview, level: int) -> bytes | None:
     """zstd-compressed data, or None when that would not be smaller."""
     if level <= 0 or len(data) < 64:
         return None
-    out: bytes = _compressor(level).compress(data)
+    comp = _compressor(level)
+    if len(data) >= 16 * _SAMPLE and _incompressible(data, comp):
+        return None
+    out: bytes = comp.compress(data)
     return out if len(out) < len(data) else None
 
 
