@@ -11,7 +11,9 @@ separate process whose peak RSS is taken from ``wait4``:
   (AES-256-CTR + HMAC-SHA256: the same primitives class as kura's AES-GCM +
   HMAC-SHA256 chunk ids) and ``borg extract`` of that archive.
 
-Prints a Markdown table (and ``--json`` figures). Usage::
+Each command runs under GNU time: wall seconds, CPU seconds (user + system:
+what the work costs whatever else the machine runs) and peak RSS. Prints a
+Markdown table (and ``--json`` figures). Usage::
 
     .venv/bin/python bench/repo_bench.py [--workdir DIR] [--scale 1.0] [--json FILE]
 
@@ -81,17 +83,24 @@ def drop_caches() -> None:
         pass
 
 
-def run(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """(seconds, peak RSS in bytes) of one command."""
+def run(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> dict[str, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one command.
+
+    The command runs under GNU time: Linux seeds a child's ru_maxrss with its
+    parent's high-water mark, so a child forked straight from a large process
+    would report that process's size.
+    """
     drop_caches()
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%e %U %S %M", *argv], env=env, cwd=cwd,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
     seconds = time.monotonic() - t0
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if status != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({status}): {err}")
-    return seconds, usage.ru_maxrss * 1024
+    err = proc.stderr.decode()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {err}")
+    _wall, user, system, maxrss_kib = err.strip().splitlines()[-1].split()
+    return {"seconds": seconds, "cpu": float(user) + float(system),
+            "rss": int(maxrss_kib) * 1024}
 
 
 def du(path: Path) -> int:
@@ -123,59 +132,57 @@ def main() -> None:
                BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
                BORG_RELOCATED_REPO_ACCESS_IS_OK="yes", BORG_BASE_DIR=str(work / "borg-home"))
     results: dict[str, dict[str, float]] = {}
+    load = os.getloadavg()[0]
 
     repo = work / "kura-repo"
     shutil.rmtree(repo, ignore_errors=True)
     env["KURA_REPO"] = str(repo)
     subprocess.run([KURA, "repo", "init"], env=env, check=True, stdout=subprocess.DEVNULL)
-    secs, rss = run([KURA, "backup", "--image", str(image), "--name", "bench"], env)
-    results["kura backup"] = {"seconds": secs, "rss": rss, "repo_bytes": du(repo)}
+    results["kura backup"] = run([KURA, "backup", "--image", str(image), "--name", "bench"],
+                                 env)
+    results["kura backup"]["repo_bytes"] = du(repo)
     out = work / "restored.raw"
     out.unlink(missing_ok=True)
-    secs, rss = run([KURA, "restore", "bench", "--output", str(out)], env)
+    results["kura restore"] = run([KURA, "restore", "bench", "--output", str(out)], env)
     if sha256(out) != want:
         raise SystemExit("kura restore differs from the image")
-    results["kura restore"] = {"seconds": secs, "rss": rss}
-    secs, rss = run([KURA, "backup", "--image", str(image), "--name", "bench"], env)
-    results["kura backup (again, deduplicated)"] = {"seconds": secs, "rss": rss,
-                                                    "repo_bytes": du(repo)}
     out.unlink()
+    again = run([KURA, "backup", "--image", str(image), "--name", "bench"], env)
+    again["repo_bytes"] = du(repo)
+    results["kura backup (again, deduplicated)"] = again
 
     if not args.skip_borg:
         brepo = work / "borg-repo"
         shutil.rmtree(brepo, ignore_errors=True)
         subprocess.run(["borg", "init", "--encryption", "repokey", str(brepo)], env=env,
-                       check=True, stdout=subprocess.DEVNULL)
-        secs, rss = run(["borg", "create", "--compression", "zstd,3", f"{brepo}::a",
-                         str(image)], env)
-        results["borg create"] = {"seconds": secs, "rss": rss, "repo_bytes": du(brepo)}
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        results["borg create"] = run(["borg", "create", "--compression", "zstd,3",
+                                      f"{brepo}::a", str(image)], env)
+        results["borg create"]["repo_bytes"] = du(brepo)
         ext = work / "borg-extract"
         shutil.rmtree(ext, ignore_errors=True)
         ext.mkdir()
-        drop_caches()
-        t0 = time.monotonic()
-        proc = subprocess.Popen(["borg", "extract", "--sparse", f"{brepo}::a"], cwd=ext,
-                                env=env, stderr=subprocess.PIPE)
-        _pid, _status, usage = os.wait4(proc.pid, 0)
-        results["borg extract"] = {"seconds": time.monotonic() - t0,
-                                   "rss": usage.ru_maxrss * 1024}
+        results["borg extract"] = run(["borg", "extract", "--sparse", f"{brepo}::a"], env,
+                                      cwd=ext)
         shutil.rmtree(ext, ignore_errors=True)
 
     print(f"image: {size / MIB:.0f} MiB (random {size / 4 / MIB:.0f} MiB, text "
-          f"{size / 4 / MIB:.0f} MiB, zeros {size / 2 / MIB:.0f} MiB); {os.cpu_count()} CPUs\n")
-    print("| run | seconds | MiB/s | peak RSS MiB | repository MiB |")
-    print("|---|---:|---:|---:|---:|")
+          f"{size / 4 / MIB:.0f} MiB, zeros {size / 2 / MIB:.0f} MiB); {os.cpu_count()} CPUs, "
+          f"load average {load:.1f} at the start\n")
+    print("| run | seconds | MiB/s | CPU seconds | peak RSS MiB | repository bytes |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
-        repo_mib = f"{r['repo_bytes'] / MIB:.0f}" if "repo_bytes" in r else ""
+        repo_bytes = f"{r['repo_bytes']:,}" if "repo_bytes" in r else ""
         print(f"| {name} | {r['seconds']:.2f} | {size / MIB / r['seconds']:.0f} | "
-              f"{r['rss'] / MIB:.0f} | {repo_mib} |")
+              f"{r['cpu']:.2f} | {r['rss'] / MIB:.0f} | {repo_bytes} |")
     if "borg create" in results:
         ratio = results["borg create"]["seconds"] / results["kura backup"]["seconds"]
         print(f"\nkura backup is {ratio:.1f}x faster than borg create; repository "
               f"{results['kura backup']['repo_bytes'] / results['borg create']['repo_bytes']:.2f}"
               "x borg's size")
     if args.json:
-        args.json.write_text(json.dumps({"image_bytes": size, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"image_bytes": size, "load": load,
+                                         "results": results}, indent=2))
 
 
 if __name__ == "__main__":
