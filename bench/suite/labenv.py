@@ -69,7 +69,7 @@ class BenchLab:
         return vm.node
 
     def create(self, name: str, data: Path | None, *, node: str = "node-a",
-               start: bool = True) -> LabVM:
+               start: bool = True, wait: bool = True) -> LabVM:
         """A bench VM whose ``vdb`` is a fresh copy of ``data`` (qcow2)."""
         with contextlib.suppress(Exception):
             self.lab.remove_vm(name)  # left over from an interrupted run
@@ -79,7 +79,7 @@ class BenchLab:
         if data is not None:
             fresh_copy(data, vm.disk_paths[1])
         if start:
-            vm.start(wait=True, timeout=120)
+            vm.start(wait=wait, timeout=120)
         return vm
 
     def remove(self, name: str) -> None:

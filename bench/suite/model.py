@@ -43,6 +43,8 @@ BORG = "borg create zstd,3 (raw file)"
 VNB_COPY = "virtnbdbackup -l copy -z"
 NBDCOPY = "nbdcopy → null:"
 READ_LOOP = "libnbd read loop (kura.nbd, 8 in flight)"
+SERVER_JOB = "kura server job"
+ONE_BY_ONE = "kura one by one (standalone)"
 
 
 @dataclass

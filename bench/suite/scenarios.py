@@ -27,8 +27,9 @@ quarter-scale check for development).
    borg and restic over the same disks as raw files into one repository each;
    stored bytes. virtnbdbackup has no dedup: one clone is measured and its
    output counted N times (marked as derived).
-5. **Server job**: several VMs on both nodes in one server job, measured by
-   the server engineer's bench when it exists; otherwise "not measured".
+5. **Server job**: 8 running VMs (4 per node, 128 MiB of unique data each)
+   in one server job, against the same VMs backed up one by one with the
+   standalone CLI; the server's share of the CPU (see :mod:`suite.serverjob`).
 6. **Scaling**: running VMs with disks of 1, 4 and 16 GiB, once with the same
    256 MiB allocated ("sparse") and once with a quarter allocated; kura's full
    backup time and peak memory, and the NBD read limit for each.
@@ -50,9 +51,9 @@ from pathlib import Path
 
 import numpy as np
 
-from suite import cpu, data
+from suite import cpu, data, serverjob
 from suite.labenv import BenchLab
-from suite.measure import GIB, MIB, BenchError, du, quiet
+from suite.measure import GIB, MIB, BenchError, drop_caches, du, quiet
 from suite.model import (
     BORG,
     G1,
@@ -66,12 +67,14 @@ from suite.model import (
     KURA_IMAGE,
     KURA_IMAGE_RESTORE,
     NBDCOPY,
+    ONE_BY_ONE,
     READ_LOOP,
+    SERVER_JOB,
     VNB_COPY,
     Results,
     Row,
 )
-from suite.tools import Borg, Kura, Restic, VirtNbdBackup
+from suite.tools import PASSPHRASE, Borg, Kura, Restic, VirtNbdBackup
 
 HERE = Path(__file__).resolve().parent.parent  # bench/
 
@@ -87,14 +90,18 @@ class Profile:
     clone_unique: float
     clone_virtual: int
     scaling: tuple[tuple[int, int], ...]  # (virtual, allocated)
+    job_vms: int
+    job_allocated: int
     repeat: int
 
 
 FULL = Profile("full", 1.0, 8 * GIB, 0.01, 10, 0.05, GIB,
                ((GIB, 256 * MIB), (4 * GIB, 256 * MIB), (16 * GIB, 256 * MIB),
-                (4 * GIB, GIB), (16 * GIB, 4 * GIB)), repeat=1)
+                (4 * GIB, GIB), (16 * GIB, 4 * GIB)), job_vms=8, job_allocated=128 * MIB,
+               repeat=1)
 QUICK = Profile("quick", 0.25, 2 * GIB, 0.01, 3, 0.05, 256 * MIB,
-                ((256 * MIB, 64 * MIB), (1 * GIB, 64 * MIB), (1 * GIB, 256 * MIB)), repeat=1)
+                ((256 * MIB, 64 * MIB), (1 * GIB, 64 * MIB), (1 * GIB, 256 * MIB)),
+                job_vms=4, job_allocated=32 * MIB, repeat=1)
 
 
 def size_label(n: int) -> str:
@@ -402,13 +409,50 @@ class Suite:
     # -- 5 -----------------------------------------------------------------------------
 
     def scenario5(self) -> None:
-        candidates = sorted(HERE.glob("server_*.py"))
-        if not candidates:
-            self.r.skipped[G5] = ("not measured: no server bench (bench/server_*.py) to run "
-                                  "a job over both nodes yet")
-            return
-        self.r.skipped[G5] = (f"not measured: {candidates[0].name} exists but the suite does "
-                              "not drive it yet")
+        b = self.base_image
+        n = self.p.job_vms
+        names = [f"j{i}" for i in range(n)]
+        placement = {name: ("node-a", "node-b")[i % 2] for i, name in enumerate(names)}
+        alloc = self.p.job_allocated
+        disks = [data.synth_disk(self.cache, b, f"job-{i}-{alloc >> 20}M", GIB, alloc,
+                                 seed=300 + i) for i in range(n)]
+        vms = [self.lab.create(name, d.qcow2, node=placement[name], wait=False)
+               for name, d in zip(names, disks, strict=True)]
+        for vm in vms:
+            vm.wait_agent(120)
+        total = n * alloc
+
+        alone = Kura(self.path("s5-standalone"))
+        alone.init()
+        secs, rss = [], 0
+        for name in names:
+            r, _ = alone.backup_vms([name], self.lab.uri(placement[name]), full=True)
+            secs.append(r.seconds)
+            rss = max(rss, r.rss)
+
+        repo = Kura(self.path("s5-server-repo"))
+        repo.init()
+        work = self.path("s5-site")
+        shutil.rmtree(work, ignore_errors=True)
+        nodes = {node: self.lab.uri(node) for node in ("node-a", "node-b")}
+        with serverjob.Site(work, repo.repo, nodes, PASSPHRASE) as site:
+            site.wait_placed(placement)
+            drop_caches()
+            job = site.run_job(names)
+        if job.vms_ok != n:
+            raise BenchError(f"the server job ended {job.status} with {job.vms_ok} of {n} VMs "
+                             f"backed up; see {work}")
+        share = job.server_cpu / (job.server_cpu + job.agents_cpu)
+        self.r.add(Row(G5, SERVER_JOB, "kura", [job.seconds], total, stored=repo.stored(),
+                       note=f"{n} VMs, {n // 2} per node; server + agents CPU "
+                            f"{job.server_cpu + job.agents_cpu:.1f} s, server "
+                            f"{job.server_cpu:.1f} s"))
+        self.r.add(Row(G5, ONE_BY_ONE, "kura-alt", [sum(secs)], total,
+                       stored=alone.stored(), rss=rss,
+                       note="standalone `kura backup VM --full`, one after the other"))
+        self.r.context["server_cpu_share"] = share
+        for name in names:
+            self.lab.remove(name)
 
     # -- 6 -----------------------------------------------------------------------------
 
