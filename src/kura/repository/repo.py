@@ -48,7 +48,7 @@ from kura.repository.index import DiskIndex
 from kura.repository.manifest import DiskEntry, Manifest, SourceRef, is_snapshot_id
 from kura.repository.reader import DiskReader
 from kura.repository.reader import restore_disk as _restore_disk
-from kura.repository.store import CHUNKS_DIR, RepoStore
+from kura.repository.store import CHUNKS_DIR, RepoStore, manifest_name
 from kura.repository.writer import ChunkSink, SnapshotWriter
 
 log = logging.getLogger(__name__)
@@ -290,6 +290,9 @@ class Repository:
             ids = []
             for ref in snapshots:
                 if is_snapshot_id(ref):
+                    if not self.store.backend.exists(manifest_name(ref)):
+                        raise SnapshotNotFound(f"restore point {ref} does not exist in "
+                                               f"{self.location}")
                     ids.append(ref)  # exact ids are checked even if damaged
                 else:
                     ids.append(self.get_snapshot(ref).id)
@@ -312,7 +315,7 @@ class Repository:
         """Remove one restore point by exact id, even a damaged one (not if protected)."""
         if not is_snapshot_id(snapshot_id):
             raise UsageError(f"{snapshot_id!r} is not a full restore point id")
-        if not self.store.backend.exists(f"snapshots/{snapshot_id}.manifest"):
+        if not self.store.backend.exists(manifest_name(snapshot_id)):
             raise SnapshotNotFound(f"restore point {snapshot_id} does not exist")
         if self.store.read_notes(snapshot_id).get("protected"):
             raise UsageError(f"restore point {snapshot_id} is protected",

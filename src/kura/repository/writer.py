@@ -32,7 +32,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from types import TracebackType
@@ -428,5 +427,3 @@ class SnapshotWriter:
         if exc_type is not None:
             self.abort()
 
-
-ProgressFn = Callable[[int], None]
