@@ -136,7 +136,7 @@ def _alive(pid: int) -> bool:
 def kill_pids(pids: Iterable[int], *, grace: float = 3.0) -> None:
     """SIGTERM the given processes, then SIGKILL whatever still lives after ``grace``."""
     pending = set(pids)
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 20.0)):
         for pid in list(pending):
             try:
                 os.kill(pid, sig)

@@ -227,6 +227,10 @@ class Lab:
             raise LabError(f"a lab has 1..8 nodes, not {nodes}")
         if vms < 0:
             raise LabError("the number of VMs cannot be negative")
+        with locked(self.root / "up.lock"):  # one up/down of this lab at a time
+            self._up(nodes, vms)
+
+    def _up(self, nodes: int, vms: int) -> None:
         self.progress("checking host packages")
         host.require_host()
         self.progress("guest image (kernel + initramfs)")
@@ -292,6 +296,12 @@ class Lab:
 
     def down(self) -> None:
         """Kill every process of the lab (by PID), remove its files and free its index."""
+        if not self.root.exists():
+            return
+        with locked(self.root / "up.lock"):
+            self._down()
+
+    def _down(self) -> None:
         self._drop_connections()
         tokens = {n.token for n in self.nodes}
         nodes_dir = self.root / "nodes"

@@ -163,7 +163,7 @@ def prepare(node: LabNode, all_nodes: list[LabNode]) -> None:
     (d / "start.sh").write_text(_node_script(node))
 
 
-def start(node: LabNode, *, timeout: float = 30) -> None:
+def start(node: LabNode, *, timeout: float = 60) -> None:
     """Start the node's libvirtd (the node must be down) and wait until it answers."""
     d = node.directory
     out = open(d / "node.out", "ab")  # noqa: SIM115 - handed to the child process
