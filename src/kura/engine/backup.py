@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import libvirt
+
 from kura.engine import chain, config, datapath, offline
 from kura.engine.chain import ChainPlan
 from kura.engine.events import JobLog, Listener
@@ -44,6 +46,7 @@ from kura.errors import (
     GuestAgentError,
     HypervisorError,
     KuraError,
+    MigratedError,
     UsageError,
 )
 from kura.hypervisor import checkpoints
@@ -186,6 +189,7 @@ def _run(hv: Hypervisor, repo: Repository, ref: str, options: BackupOptions, log
         log.vm = info.name
         result.vm, result.uuid, result.node, result.state = (info.name, info.uuid,
                                                               node.hostname, info.state)
+        _check_not_migrated(dom, info)
         live = _check_state(info)
         sizes = {d.target: disk_sizes(dom, d)[0] for d in info.disks}
         if live:
@@ -222,6 +226,18 @@ def _run(hv: Hypervisor, repo: Repository, ref: str, options: BackupOptions, log
         raise
 
 
+def _check_not_migrated(dom: Any, info: DomainInfo) -> None:
+    """A definition left behind by a migration is not the VM: it runs elsewhere."""
+    try:
+        state, reason = dom.state(0)
+    except libvirt.libvirtError as exc:
+        raise MigratedError(f"VM {info.name} vanished from this node: {exc}") from exc
+    if state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED:
+        raise MigratedError(
+            f"VM {info.name} was migrated away from this node; this is a stale definition",
+            hint="back it up on the node that runs it now (`kura ls --connect URI`)")
+
+
 def _check_state(info: DomainInfo) -> bool:
     """True for the live path, False for offline; refuse other states clearly."""
     if not info.disks:
@@ -249,7 +265,13 @@ def _live(hv: Hypervisor, dom: Any, info: DomainInfo, plan: ChainPlan, sizes: di
     cp_xml = (checkpoints.new_checkpoint_xml(new_cp, info, f"kura restore point {w.id}")
               if new_cp else None)
     guard = Guard(hv.uri, info.uuid) if options.guard else None
-    directory = job_dir(options.scratch_root, info.uuid)
+    try:
+        directory = job_dir(options.scratch_root, info.uuid)
+    except OSError as exc:
+        if guard is not None:
+            guard.done()
+        raise HypervisorError(f"cannot create the scratch directory under "
+                              f"{options.scratch_root}: {exc.strerror}") from exc
     if guard is not None:
         guard.job(new_cp, str(directory))
     bases = {t: p.bitmap_checkpoint for t, p in plan.disks.items() if p.mode == "incremental"}

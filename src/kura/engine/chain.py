@@ -115,13 +115,13 @@ def plan(repo: Repository, dom: Any, info: DomainInfo, sizes: dict[str, int], *,
                                        f"disk {d.target} had no bitmap in {stored.name}")
         else:
             disks[d.target] = DiskPlan(d.target, "incremental",
-                                       f"changes since {parent.id}", prev, stored.name,
+                                       "blocks changed since the parent", prev, stored.name,
                                        stored.disks[d.target])
     increments = [p for p in disks.values() if p.mode == "incremental"]
     if not increments:
         return _full(info, "no disk of the VM can be read incrementally", tuple(notes))
     fulls = [p.reason for p in disks.values() if p.mode == "full"]
-    reason = f"changes since {parent.id} (sequence {parent.sequence})"
+    reason = "blocks changed since the parent (dirty bitmaps of its checkpoint)"
     if fulls:
         reason += "; full read of " + "; ".join(fulls)
     return ChainPlan("incremental", reason, parent, stored, disks, tuple(notes))
