@@ -18,7 +18,8 @@ Entry points:
 Modules: ``state`` (state file, lab indexes), ``host`` (packages, processes),
 ``guestimage`` (the guest build and cache), ``accel`` (KVM or TCG),
 ``node`` (libvirtd per node), ``domain`` (domain XML), ``vm`` (LabVM),
-``verify`` (the host-side workload check), ``lab`` (the cluster).
+``verify`` (the host-side workload check), ``moves`` (live and quick
+migration, cold move), ``lab`` (the cluster).
 """
 
 from kura.lab.domain import DiskSpec

@@ -20,10 +20,10 @@ Storage layout (all under the root)::
     nodes/<node>/local/<vm>/...    node-local storage
     <vm dir>/nvram.fd <vm>.console.log   UEFI variables, serial console
 
-Live migration uses ``VIR_MIGRATE_UNSAFE`` on the plain shared directory (safe
-here: one kernel, one page cache). The backup engine decides whether a disk is
-on shared storage from the file system type or from ``KURA_SHARED_STORAGE``
-(colon-separated directories): tests and agents set it to ``Lab.shared_dir``.
+VMs move between nodes as in a real cluster (:mod:`kura.lab.moves`). The
+backup engine decides whether a disk is on shared storage from the file system
+type or from ``KURA_SHARED_STORAGE`` (colon-separated directories): tests and
+agents set it to ``Lab.shared_dir``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 import libvirt
 
 from kura.errors import LabError
-from kura.lab import host
+from kura.lab import host, moves
 from kura.lab import node as nodes_mod
 from kura.lab.accel import probe_accel
 from kura.lab.domain import (
@@ -52,7 +52,6 @@ from kura.lab.domain import (
     DomainSpec,
     domain_xml,
     parse_size,
-    relocate,
     target_name,
     validate_disks,
 )
@@ -78,9 +77,6 @@ from kura.lab.vm import LabVM, console_path
 DEFAULT_ROOT = Path("/var/lib/kura/lab")
 UEFI_MIN_MEMORY_MIB = 256
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                  | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
 
 
 def default_root() -> Path:
@@ -474,52 +470,42 @@ class Lab:
             rec = st.vm(name)
             if rec is not None:
                 st.vms.remove(rec)
-        if vm._record.directory:
-            shutil.rmtree(vm._record.directory, ignore_errors=True)
+        if vm.record.directory:
+            shutil.rmtree(vm.record.directory, ignore_errors=True)
 
-    # -- moving VMs ---------------------------------------------------------------------
+    # -- moving VMs (see kura.lab.moves) -------------------------------------------------
+
+    def _source(self, vm: LabVM, to: str) -> tuple[LabNode, libvirt.virDomain, LabNode]:
+        dest = self.node(to)
+        where = vm.locate()
+        if where is None:
+            raise LabError(f"VM {vm.name} is not defined on any lab node")
+        if where[0].name == dest.name:
+            raise LabError(f"VM {vm.name} is already on {to}")
+        return where[0], where[1], dest
 
     def migrate(self, vm: str, to: str, *, offline: bool = False) -> None:
         """Live-migrate a running VM (shared storage), or quick-migrate it with
         ``offline`` (save on the source, move local disks, restore on ``to``)."""
         lv = self.vm(vm)
-        dest = self.node(to)
-        where = lv.locate()
-        if where is None:
-            raise LabError(f"VM {vm} is not defined on any lab node")
-        src, dom = where
-        if src.name == dest.name:
-            raise LabError(f"VM {vm} is already on {to}")
+        src, dom, dest = self._source(lv, to)
         if not dom.isActive():
             raise LabError(f"VM {vm} is not running", hint="use cold_move for shut-off VMs")
-        if not offline:
-            if lv.storage != "shared":
-                raise LabError(f"VM {vm} is on {src.name}'s local storage: live migration "
-                               "needs shared storage", hint="use --offline (quick migration)")
-            flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
-                     | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-                     | libvirt.VIR_MIGRATE_UNSAFE)
-            try:
-                dom.migrateToURI3(dest.uri, {}, flags)
-            except libvirt.libvirtError as exc:
-                raise LabError(f"live migration of {vm} from {src.name} to {to} failed: "
-                               f"{exc.get_error_message()}") from exc
-            return
-        self._quick_migrate(lv, src, dom, dest)
+        if offline:
+            moved = moves.quick_migrate(lv, self.connect(src), dom, dest, self.connect(dest))
+        else:
+            moves.live_migrate(lv, src, dom, dest)
+            moved = None
+        self._moved(vm, moved, dest)
 
-    def _move_files(self, lv: LabVM, src: LabNode, dest: LabNode) -> tuple[Path, Path] | None:
-        """For a local-storage VM, move its directory to ``dest``'s local storage."""
-        rec = lv._record
-        if lv.storage != "local" or not rec.directory:
-            return None
-        old = Path(rec.directory)
-        new = dest.local_dir / lv.name
-        if new.exists():
-            raise LabError(f"{new} already exists: cannot move VM {lv.name} there")
-        shutil.move(str(old), str(new))
-        return old, new
+    def cold_move(self, vm: str, to: str) -> None:
+        """Move a shut-off VM's definition (and local disks) to node ``to``."""
+        lv = self.vm(vm)
+        _src, dom, dest = self._source(lv, to)
+        self._moved(vm, moves.cold_move(lv, dom, dest, self.connect(dest)), dest)
 
-    def _update_paths(self, name: str, moved: tuple[Path, Path] | None, dest: LabNode) -> None:
+    def _moved(self, name: str, moved: moves.Moved | None, dest: LabNode) -> None:
+        """Record a VM's new home node and, if its directory moved, its new paths."""
         with self._mutate() as st:
             rec = st.vm(name)
             if rec is None:
@@ -527,64 +513,11 @@ class Lab:
             rec.home = dest.name
             if moved is None:
                 return
-            old, new = (str(moved[0]) + "/", str(moved[1]) + "/")
             for d in rec.disks:
-                if d.path.startswith(old):
-                    d.path = new + d.path[len(old):]
-            if rec.nvram and rec.nvram.startswith(old):
-                rec.nvram = new + rec.nvram[len(old):]
-            rec.directory = str(moved[1])
-
-    def _quick_migrate(self, lv: LabVM, src: LabNode, dom: libvirt.virDomain,
-                       dest: LabNode) -> None:
-        rec = lv._record
-        base = Path(rec.directory) if rec.directory else Path(rec.disks[0].path).parent
-        save = base / f"{lv.name}.save"
-        try:
-            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-            dom.save(str(save))
-            moved = self._move_files(lv, src, dest)
-            src_conn = self.connect(src)
-            dxml = None
-            if moved is not None:
-                save = moved[1] / save.name
-                xml = relocate(xml, moved[0], moved[1])
-                dxml = relocate(src_conn.saveImageGetXMLDesc(str(save),
-                                libvirt.VIR_DOMAIN_XML_SECURE), moved[0], moved[1])
-            dest_conn = self.connect(dest)
-            dest_conn.defineXML(xml)
-            dom.undefineFlags(UNDEFINE_FLAGS)
-            dest_conn.restoreFlags(str(save), dxml, 0)
-        except libvirt.libvirtError as exc:
-            raise LabError(f"quick migration of {lv.name} from {src.name} to {dest.name} "
-                           f"failed: {exc.get_error_message()}",
-                           hint=f"the saved state is in {save}") from exc
-        save.unlink(missing_ok=True)
-        self._update_paths(lv.name, moved, dest)
-
-    def cold_move(self, vm: str, to: str) -> None:
-        """Move a shut-off VM's definition (and local disks) to node ``to``."""
-        lv = self.vm(vm)
-        dest = self.node(to)
-        where = lv.locate()
-        if where is None:
-            raise LabError(f"VM {vm} is not defined on any lab node")
-        src, dom = where
-        if src.name == dest.name:
-            raise LabError(f"VM {vm} is already on {to}")
-        if dom.isActive():
-            raise LabError(f"VM {vm} is running", hint="shut it down first, or migrate it")
-        try:
-            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-            moved = self._move_files(lv, src, dest)
-            if moved is not None:
-                xml = relocate(xml, moved[0], moved[1])
-            self.connect(dest).defineXML(xml)
-            dom.undefineFlags(UNDEFINE_FLAGS)
-        except libvirt.libvirtError as exc:
-            raise LabError(f"cold move of {vm} to {to} failed: {exc.get_error_message()}") \
-                from exc
-        self._update_paths(vm, moved, dest)
+                d.path = moved.rewrite(d.path)
+            if rec.nvram:
+                rec.nvram = moved.rewrite(rec.nvram)
+            rec.directory = str(moved.new)
 
     # -- reporting and checking ---------------------------------------------------------
 

@@ -48,6 +48,11 @@ class LabVM:
         return f"LabVM({self.name!r}, storage={self.storage!r})"
 
     @property
+    def record(self) -> VMRecord:
+        """What the lab state knows about the VM (disks, storage, options)."""
+        return self._record
+
+    @property
     def name(self) -> str:
         return self._record.name
 

@@ -21,6 +21,7 @@ from kura.lab.domain import (
     target_name,
     validate_disks,
 )
+from kura.lab.moves import Moved
 
 
 def _spec(**kw: object) -> DomainSpec:
@@ -98,3 +99,12 @@ def test_bad_sizes_and_disks() -> None:
     assert target_name(25) == "vdz"
     with pytest.raises(LabError):
         target_name(26)
+
+
+def test_moved_rewrites_only_paths_below_the_old_directory() -> None:
+    m = Moved(Path("/lab/nodes/node-a/local/vm1"), Path("/lab/nodes/node-b/local/vm1"))
+    assert m.rewrite("/lab/nodes/node-a/local/vm1/vda.qcow2") == \
+        "/lab/nodes/node-b/local/vm1/vda.qcow2"
+    assert m.rewrite("/lab/nodes/node-a/local/vm10/vda.qcow2") == \
+        "/lab/nodes/node-a/local/vm10/vda.qcow2"
+    assert m.rewrite("/elsewhere/disk.raw") == "/elsewhere/disk.raw"
