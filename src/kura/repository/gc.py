@@ -5,7 +5,8 @@ Safe while backups run (any number of writers on any number of nodes):
 1. Take ``locks/gc.lock``; note the start time T0. Put back any chunk a crashed
    GC left in ``trash/`` (it may have been touched by a writer just before).
 2. Read the live writer registrations. The *cutoff* is
-   ``min(T0, oldest live writer's start) - grace``.
+   ``min(T0, oldest live writer's start) - grace - 2 s`` (the 2 s cover coarse
+   file system timestamps, which lag the clock a writer reads its start from).
 3. Mark: every chunk named by the index of a disk or by a configuration of a
    committed manifest. A manifest or index that cannot be read aborts GC: its
    chunks are unknown, and deleting them could destroy a restore point.
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 
 TRASH_DIR = "trash"
 DEFAULT_GRACE = 300
+# File systems stamp mtimes from a coarse clock (a few ms behind time.time(); FAT
+# and some NAS keep 2 s steps): always keep this much on top of the grace period.
+CLOCK_SLACK = 2.0
 
 
 @dataclass
@@ -119,7 +123,7 @@ def gc(store: RepoStore, *, grace_seconds: float = DEFAULT_GRACE, dry_run: bool 
         if not dry_run:
             _restore_trash(store)
         writers = live_writers(backend)
-        cutoff = min([t0] + [w.started for w in writers]) - grace_seconds
+        cutoff = min([t0] + [w.started for w in writers]) - grace_seconds - CLOCK_SLACK
         result = GcResult(dry_run=dry_run, cutoff=cutoff)
         referenced, snapshot_ids = _mark(store)
         result.snapshots = len(snapshot_ids)

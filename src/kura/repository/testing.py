@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -109,3 +110,11 @@ class FaultyBackend:
 
 def local(path: Path) -> LocalBackend:
     return LocalBackend(path)
+
+
+def age_files(root: Path, seconds: float = 3600) -> None:
+    """Set the mtime of every file under ``root`` back by ``seconds`` (GC tests)."""
+    old = time.time() - seconds
+    for p in root.rglob("*"):
+        if p.is_file():
+            os.utime(p, (old, old))

@@ -10,7 +10,7 @@ import pytest
 from kura.errors import UsageError
 from kura.repository import Manifest, RetentionPolicy, SourceRef
 from kura.repository.prune import select
-from kura.repository.testing import make_repo, write_disk
+from kura.repository.testing import age_files, make_repo, write_disk
 
 
 def fake(day: int, hour: int = 0, *, protected: bool = False, key: str = "s") -> Manifest:
@@ -80,6 +80,7 @@ def test_prune_repository(tmp_path: Path) -> None:
     assert [m.id for m in repo.list_snapshots()] == [a[0].id, a[3].id, b.id]
     assert not (tmp_path / "r" / "indexes" / a[1].id).exists()
     assert res.to_dict()["removed"] == 2
+    age_files(tmp_path / "r")
     gc = repo.gc(grace_seconds=0)
     assert gc.chunks_removed == 2
     assert repo.verify().ok
