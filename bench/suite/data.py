@@ -11,8 +11,9 @@
   unique: every 4 KiB page gets an 8-byte stamp (seed, page number), so no two
   chunks of any disk are equal and neither kura's fixed chunks nor the peers'
   content-defined chunks can deduplicate them (dedup would flatter the tool).
-- **clone family** (scenario 4): a template (a quarter of the base image's
-  random and text, stamped) and clones of it, each with ``unique_fraction`` of
+- **clone family** (scenario 4): a template (half the size of the base
+  image's random part: 256 MiB at full scale, half random, half stamped text)
+  and clones of it, each with ``unique_fraction`` of
   its allocated data overwritten by fresh random data in 1 MiB blocks at
   random 1 MiB-aligned offsets inside the allocated area (scattered, as a
   cloned VM diverges).
@@ -177,7 +178,7 @@ class CloneFamily:
 def clone_family(cache: Path, base: BaseImage, count: int, unique_fraction: float,
                  *, virtual: int) -> CloneFamily:
     """``count`` clones of one template, each with its own scattered unique data."""
-    half = base.random // 2
+    half = base.random // 4
     allocated = 2 * half
     blocks = max(1, round(allocated * unique_fraction / MIB))
     params: dict[str, object] = {"count": count, "fraction": unique_fraction,

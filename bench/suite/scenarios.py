@@ -27,12 +27,13 @@ quarter-scale check for development).
    borg and restic over the same disks as raw files into one repository each;
    stored bytes. virtnbdbackup has no dedup: one clone is measured and its
    output counted N times (marked as derived).
-5. **Server job**: 8 running VMs (4 per node, 128 MiB of unique data each)
+5. **Server job**: 8 running VMs (4 per node, 64 MiB of unique data each)
    in one server job, against the same VMs backed up one by one with the
    standalone CLI; the server's share of the CPU (see :mod:`suite.serverjob`).
 6. **Scaling**: running VMs with disks of 1, 4 and 16 GiB, once with the same
-   256 MiB allocated ("sparse") and once with a quarter allocated; kura's full
-   backup time and peak memory, and the NBD read limit for each.
+   256 MiB allocated ("sparse") and once with an eighth to a quarter allocated
+   (256 MiB, 512 MiB, 2 GiB: "proportional"); kura's full backup time and peak
+   memory, and the NBD read limit for each.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class Profile:
 
 FULL = Profile("full", 1.0, 8 * GIB, 0.01, 10, 0.05, GIB,
                ((GIB, 256 * MIB), (4 * GIB, 256 * MIB), (16 * GIB, 256 * MIB),
-                (4 * GIB, GIB), (16 * GIB, 4 * GIB)), job_vms=8, job_allocated=128 * MIB,
+                (4 * GIB, 512 * MIB), (16 * GIB, 2 * GIB)), job_vms=8, job_allocated=64 * MIB,
                repeat=1)
 QUICK = Profile("quick", 0.25, 2 * GIB, 0.01, 3, 0.05, 256 * MIB,
                 ((256 * MIB, 64 * MIB), (1 * GIB, 64 * MIB), (1 * GIB, 256 * MIB)),
