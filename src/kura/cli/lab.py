@@ -211,11 +211,16 @@ def exec_cmd(ctx: click.Context, vm: str, command: tuple[str, ...], timeout: flo
 @click.argument("image", type=click.Path(path_type=Path, exists=True))
 @click.option("--format", "fmt", type=click.Choice(["qcow2", "raw"]), default="qcow2",
               show_default=True)
+@click.option("--boot", is_flag=True,
+              help="Check inside a verifier guest of the lab instead of on the host.")
 @_json_flag
 @click.pass_context
-def verify_cmd(ctx: click.Context, image: Path, fmt: str) -> None:
+def verify_cmd(ctx: click.Context, image: Path, fmt: str, boot: bool) -> None:
     """Check a disk written by the lab workload (e2fsck + every committed file)."""
-    verdict = verify_image(image, fmt=fmt)
+    if boot:
+        verdict = _existing(ctx).verify_disk(image, fmt=fmt, boot=True)
+    else:
+        verdict = verify_image(image, fmt=fmt)
     if state(ctx).json:
         emit_json(verdict.to_dict())
     else:

@@ -12,7 +12,8 @@ guest really boots under KVM; otherwise ``type='qemu'`` (TCG).
 UEFI VMs add OVMF as pflash with a per-VM NVRAM file (copied from Debian's
 vars template) in the VM's directory; OVMF then boots the same kernel through
 fw_cfg. The kernel command line carries ``kura.agent=0|1`` and
-``kura.workload=0|1`` for the guest's start-up script.
+``kura.workload=0|1`` and ``kura.data=0|1`` (0: do not format or mount vda,
+for verifier guests) for the guest's start-up script.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class DomainSpec:
     nvram: Path | None = None
     console_log: Path | None = None
     storage: str = "shared"
+    data: bool = True
 
 
 def parse_size(size: str) -> int:
@@ -102,7 +104,8 @@ def validate_disks(specs: tuple[DiskSpec, ...]) -> list[str]:
 
 def cmdline(spec: DomainSpec) -> str:
     return (f"console=ttyS0 quiet kura.agent={int(spec.agent)} "
-            f"kura.workload={int(spec.workload)} kura.hostname={spec.name}")
+            f"kura.workload={int(spec.workload)} kura.data={int(spec.data)} "
+            f"kura.hostname={spec.name}")
 
 
 def domain_xml(spec: DomainSpec) -> str:

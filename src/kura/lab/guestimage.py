@@ -54,6 +54,7 @@ GUEST_FILES = {
     "rc.shutdown": "etc/rc.shutdown",
     "shutdown": "sbin/shutdown",
     "workload": "usr/lib/kura/workload",
+    "check": "usr/lib/kura/check",
     "acpi-power": "etc/acpi/PWRF/00000080",
 }
 

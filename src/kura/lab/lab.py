@@ -29,10 +29,12 @@ agents set it to ``Lab.shared_dir``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
 import shutil
+import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
@@ -537,11 +539,66 @@ class Lab:
         return {"root": str(self.root), "index": self.index, "accel": self.accel,
                 "shared_dir": str(self.shared_dir), "nodes": nodes, "vms": vms}
 
-    def verify_disk(self, image: Path, *, fmt: str = "qcow2") -> Verdict:
-        """Check a disk that carried the workload: e2fsck + every committed file."""
+    def verify_disk(self, image: Path, *, fmt: str = "qcow2", boot: bool = False) -> Verdict:
+        """Check a disk that carried the workload: e2fsck + every committed file.
+
+        By default on the host (a raw scratch copy, e2fsck and debugfs; no guest).
+        With ``boot`` the copy is attached to a transient verifier guest on the
+        first node, which runs the same check with its own tools
+        (``/usr/lib/kura/check``) and prints the verdict as JSON.
+        """
         scratch = self.root / "tmp"
         scratch.mkdir(exist_ok=True)
-        return verify_image(Path(image), fmt=fmt, scratch_dir=scratch)
+        scratch.chmod(0o777)
+        if not boot:
+            return verify_image(Path(image), fmt=fmt, scratch_dir=scratch)
+        return self._verify_in_guest(Path(image), fmt, scratch)
+
+    def _verify_in_guest(self, image: Path, fmt: str, scratch: Path) -> Verdict:
+        if not image.exists():
+            raise LabError(f"disk image {image} does not exist")
+        if not self.nodes:
+            raise LabError("the lab has no nodes", hint="run `kura lab up` first")
+        work = Path(tempfile.mkdtemp(prefix="verify-", dir=scratch))
+        work.chmod(0o777)
+        node = self.nodes[0]
+        dom: libvirt.virDomain | None = None
+        out = ""
+        try:
+            copy = work / "disk.raw"
+            host.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", image, copy],
+                     timeout=600)
+            copy.chmod(0o666)
+            image_ = self.image()
+            rec = VMRecord(name=f"kura-verify-{secrets.token_hex(3)}", uuid=str(uuidlib.uuid4()),
+                           storage="local", home=node.name,
+                           disks=[DiskRecord(str(copy), "raw", "vda", "0")], directory=str(work))
+            xml = domain_xml(DomainSpec(
+                name=rec.name, uuid=rec.uuid, accel="kvm" if self.accel == "kvm" else "qemu",
+                kernel=image_.kernel, initrd=image_.initrd,
+                disks=(DiskFile(copy, "raw", "vda"),), data=False,
+                console_log=console_path(rec), storage="local"))
+            try:
+                dom = self.connect(node).createXML(xml, 0)  # transient: gone when destroyed
+            except libvirt.libvirtError as exc:
+                raise LabError(f"cannot start a verifier guest on {node.name}: "
+                               f"{exc.get_error_message()}") from exc
+            verifier = LabVM(rec, [node], self.connect)
+            verifier.wait_agent(120)
+            _code, out, _err = verifier.agent_exec(["/usr/lib/kura/check", "/dev/vda"],
+                                                   timeout=900)
+            data = json.loads(out.strip().splitlines()[-1])
+            return Verdict(ok=bool(data["ok"]), fsck_clean=bool(data["fsck_clean"]),
+                           last_seq=int(data["last_seq"]),
+                           files_checked=int(data["files_checked"]),
+                           errors=[str(e) for e in data["errors"]])
+        except (ValueError, KeyError, IndexError) as exc:
+            raise LabError(f"the verifier guest printed no verdict: {out[-300:]!r}") from exc
+        finally:
+            if dom is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.destroy()
+            shutil.rmtree(work, ignore_errors=True)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

@@ -113,6 +113,8 @@ def test_workload_check_passes_on_live_copy_and_fails_on_damage(
     assert verdict.ok, verdict.errors
     assert verdict.last_seq >= 12 and verdict.files_checked == verdict.last_seq
     assert vm.workload_status()[0], "workload must survive the freeze"
+    in_guest = lab.verify_disk(copy, fmt="raw", boot=True)  # same check, in a verifier guest
+    assert in_guest.to_dict() == verdict.to_dict()
 
     # Damage the copy: delete file 3 and truncate file 5 (as a crash could).
     for cmd in ("rm /workload/files/00000/f00000003",
@@ -123,8 +125,10 @@ def test_workload_check_passes_on_live_copy_and_fails_on_damage(
     assert not bad.ok
     assert any("file 3 " in e and "missing" in e for e in bad.errors), bad.errors
     assert any("file 5 " in e and "wrong content" in e for e in bad.errors), bad.errors
-    # debugfs edits leave the free-block counts stale: e2fsck notices as well.
-    assert bad.to_dict()["errors"] == bad.errors
+    booted = lab.verify_disk(copy, fmt="raw", boot=True)
+    assert not booted.ok and booted.last_seq == bad.last_seq
+    assert any("file 3 " in e and "missing" in e for e in booted.errors), booted.errors
+    assert any("file 5 " in e and "wrong content" in e for e in booted.errors), booted.errors
 
 
 def test_verify_rejects_a_disk_without_workload(lab: Lab, tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ def test_domain_xml_direct_kernel_boot_and_disks() -> None:
     assert root.findtext("os/initrd") == "/cache/k/initrd.img"
     cmdline = root.findtext("os/cmdline") or ""
     assert "kura.agent=1" in cmdline and "kura.workload=0" in cmdline
+    assert "kura.data=1" in cmdline
     disks = root.findall("devices/disk")
     assert [d.find("target").get("dev") for d in disks] == ["vda", "vdb"]  # type: ignore[union-attr]
     assert [d.find("driver").get("type") for d in disks] == ["qcow2", "raw"]  # type: ignore[union-attr]
