@@ -54,7 +54,13 @@ from kura.hypervisor.connection import Hypervisor, NodeIdentity
 from kura.hypervisor.domain import DomainInfo, describe, disk_sizes
 from kura.hypervisor.guard import Guard
 from kura.hypervisor.guestagent import Quiescer
-from kura.hypervisor.view import DEFAULT_SCRATCH_ROOT, PointInTimeView, clear_leftovers, job_dir
+from kura.hypervisor.view import (
+    DEFAULT_SCRATCH_ROOT,
+    PointInTimeView,
+    clear_leftovers,
+    job_dir,
+    vm_lock,
+)
 from kura.nbd import NbdSource
 from kura.repository import Manifest, Repository, SnapshotWriter, SourceRef
 
@@ -182,10 +188,18 @@ def backup_vms(hv: Hypervisor, repo: Repository, refs: list[str], options: Backu
 
 def _run(hv: Hypervisor, repo: Repository, ref: str, options: BackupOptions, log: JobLog,
          result: BackupResult, *, forced_reason: str | None) -> None:
+    with contextlib.ExitStack() as held:  # the per-VM lock, held to the end
+        _run_locked(hv, repo, ref, options, log, result, held, forced_reason=forced_reason)
+
+
+def _run_locked(hv: Hypervisor, repo: Repository, ref: str, options: BackupOptions,
+                log: JobLog, result: BackupResult, held: contextlib.ExitStack, *,
+                forced_reason: str | None) -> None:
     node = hv.node
     with log.phase("accepted"):
         dom = hv.lookup(ref)
         info = describe(dom)
+        held.enter_context(vm_lock(options.scratch_root, info.uuid))
         log.vm = info.name
         result.vm, result.uuid, result.node, result.state = (info.name, info.uuid,
                                                               node.hostname, info.state)

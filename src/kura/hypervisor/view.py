@@ -23,19 +23,22 @@ removes scratch files; the directory goes too.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pwd
 import secrets
 import shutil
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
-from kura.errors import CheckpointError, HypervisorError, MigratedError
+from kura.errors import CheckpointError, HypervisorError, LockedError, MigratedError
 from kura.hypervisor.domain import DiskInfo
 
 DEFAULT_SCRATCH_ROOT = Path("/var/tmp/kura")
@@ -73,6 +76,28 @@ def job_dir(root: Path, uuid: str) -> Path:
     else:
         os.chmod(path, 0o777)
     return path
+
+
+@contextlib.contextmanager
+def vm_lock(root: Path, uuid: str) -> Iterator[None]:
+    """One kura backup per VM per node: an flock on ``ROOT/<uuid>.lock``.
+
+    Taken before anything on the domain is touched, so one run never takes
+    another's live backup job or new checkpoint for leftovers. The kernel
+    drops it when the process dies, however it dies.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o755)
+    fd = os.open(root / f"{uuid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"another kura backup of VM {uuid} is running on this node",
+                              hint="wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def active_job_xml(dom: Any) -> str | None:

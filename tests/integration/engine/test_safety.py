@@ -15,7 +15,7 @@ import pytest
 
 from kura.engine.backup import BackupOptions, backup_vm, backup_vms
 from kura.engine.testing import node_of
-from kura.errors import GuestAgentError
+from kura.errors import GuestAgentError, LockedError
 from kura.hypervisor.guard import Guard
 from kura.hypervisor.guestagent import Quiescer
 from kura.hypervisor.view import DEFAULT_SCRATCH_ROOT
@@ -153,3 +153,21 @@ def test_paused_vm_is_backed_up_crash_consistent(lab: Lab, lab_vm, repo: Reposit
                 backup_vm(hv, repo, vm.name, BackupOptions(consistency="require"))
         finally:
             vm.domain().resume()
+
+
+def test_second_backup_of_the_same_vm_is_refused_without_harm(lab: Lab, lab_vm,
+                                                               repo: Repository) -> None:
+    vm = lab_vm(node="node-a", storage="shared")
+    errors: list[Exception] = []
+    with node_of(lab, vm) as hv:
+
+        def second(event) -> None:  # type: ignore[no-untyped-def]
+            if event.kind == "phase-start" and event.phase == "data":
+                try:
+                    backup_vm(hv, repo, vm.name, BackupOptions())
+                except LockedError as exc:
+                    errors.append(exc)
+
+        r = backup_vm(hv, repo, vm.name, BackupOptions(), [second])
+    assert r.ok and len(errors) == 1 and "another kura backup" in str(errors[0])
+    assert len(repo.list_snapshots(vm.uuid)) == 1
