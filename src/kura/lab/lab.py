@@ -111,6 +111,11 @@ class Lab:
     def create(cls, root: Path | None = None, *, index: int | None = None) -> Lab:
         """Load the lab at ``root`` or create its state (claiming a lab index)."""
         root = (root or default_root()).absolute()
+        if (root.is_dir() and not (root / "lab.json").exists()
+                and any(p.name not in ("lab.lock", "up.lock") for p in root.iterdir())):
+            # `down` removes the whole root: never adopt a directory with other files.
+            raise LabError(f"{root} is not empty and holds no lab",
+                           hint="give the lab a directory of its own (--lab-dir)")
         try:
             root.mkdir(parents=True, exist_ok=True)
             root.chmod(0o755)

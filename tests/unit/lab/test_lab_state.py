@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kura.errors import LabError
+from kura.lab import Lab
 from kura.lab.state import (
     DiskRecord,
     LabState,
@@ -109,3 +110,9 @@ def test_ensure_claim_after_registry_loss(tmp_path: Path, _registry: Path) -> No
     save_state(b, LabState(index=ia))
     with pytest.raises(LabError, match="now used by"):
         ensure_claim(a, ia)
+
+
+def test_a_lab_never_adopts_a_directory_with_other_files(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(LabError, match="not empty"):
+        Lab.create(tmp_path)
