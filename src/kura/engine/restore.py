@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -309,9 +310,26 @@ def _pool(hv: Hypervisor, name: str) -> tuple[Any, Path]:
 
 
 def _untar(data: bytes, directory: Path) -> None:
+    """Extract the TPM state: regular files and directories only, inside ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
+    root = directory.resolve()
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-        tar.extractall(directory, filter="data")
+        for member in tar.getmembers():
+            target = (root / member.name).resolve()
+            if target != root and root not in target.parents:
+                raise UsageError(f"TPM state entry {member.name!r} points outside {root}")
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                target.chmod(member.mode & 0o777)
+            elif member.isfile():
+                src = tar.extractfile(member)
+                if src is None:
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(src.read())
+                target.chmod(member.mode & 0o777)
+                with contextlib.suppress(OSError):
+                    os.chown(target, member.uid, member.gid)
 
 
 def restore_disk_file(repo: Repository, manifest: Manifest, disk: str, output: Path, *,
