@@ -9,8 +9,9 @@ checks it (see :mod:`kura.server.sessions`). Chunks are uploaded only when a
 ``touch`` says the repository lacks them.
 
 Errors map back onto the repository's: 404 → ``ObjectNotFound``, 507 →
-``StorageFull``, anything else → ``RepositoryError`` carrying the server's
-reason, so the engine's clean-up paths (abort, no restore point) run as they do
+``StorageFull``, a refusal → ``RepositoryError`` carrying the server's reason;
+a server that cannot be reached stays a ``ServerError`` (the job engine
+retries those), so the engine's clean-up paths (abort, no restore point) run as they do
 locally.
 """
 
@@ -50,6 +51,8 @@ class RemoteBackend:
             return self.client.request(method, self._base + path, **kw)
         except ServerError as exc:
             status = getattr(exc, "status", 0)
+            if status == 0:
+                raise  # the server is unreachable: a ServerError, worth a retry
             if status == 404:
                 raise ObjectNotFound(name, self._location) from exc
             if status == 507:

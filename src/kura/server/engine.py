@@ -226,8 +226,27 @@ class JobEngine:
         task.state = "cancelled"
         task.cancel_reason = err.message
         rv = s.get(RunVm, task.run_vm_id) if task.run_vm_id else None
-        if rv is not None and rv.state not in TERMINAL:
-            self._attempt_failed(s, rv, err, node)
+        if rv is None or rv.state in TERMINAL:
+            return
+        committed = str(task.result.get("committed", ""))
+        if committed and task.kind == "backup":
+            # The restore point was committed through the data path; only the
+            # agent's report of it was lost. The VM is backed up.
+            rv.state = "succeeded"
+            rv.ended = utcnow()
+            rv.result = {**rv.result, "snapshot": committed}
+            rv.diagnosis = f"restore point {committed} was committed; then " + \
+                diagnosis.explain(err, node) + " (its final report was lost)"
+            _log(s, rv.run_id, rv.id, "warning", f"{rv.vm_name}: {rv.diagnosis}")
+            return
+        self._attempt_failed(s, rv, err, node)
+
+    def note_commit(self, task_id: int, snapshot: str) -> None:
+        """The data path committed ``snapshot`` for ``task_id`` (see kura.server.sessions)."""
+        with self._lock, self.catalog.session() as s:
+            task = s.get(Task, task_id)
+            if task is not None:
+                task.result = {**task.result, "committed": snapshot}
 
     def _attempt_failed(self, s: Session, rv: RunVm, err: schemas.ErrorInfo, node: str) -> None:
         run = rv.run
@@ -425,8 +444,9 @@ class JobEngine:
                 left = (deadline - utcnow()).total_seconds()
                 if left <= 0 or self._stop.is_set():
                     return []
+                # A waiting poll does not count as a sign of life: the server would not
+                # notice its connection drop. The agent's heartbeats do that.
                 self._cond.wait(min(left, 5.0))
-                self._touch_only(agent_id)
 
     def _forget_lost(self, agent_id: str, running: set[int]) -> None:
         cutoff = utcnow() - timedelta(seconds=10)
@@ -438,12 +458,6 @@ class JobEngine:
                     self._fail_task(s, task, schemas.ErrorInfo(
                         kind="AgentLost", message="the task never reached the agent (the "
                         "connection that carried it dropped)"), agent.node.name)
-
-    def _touch_only(self, agent_id: str) -> None:
-        with self.catalog.session() as s:
-            agent = s.get(Agent, agent_id)
-            if agent is not None:
-                agent.last_seen = utcnow()
 
     def _own_task(self, s: Session, agent_id: str, task_id: int) -> Task:
         task = s.get(Task, task_id)
@@ -493,7 +507,7 @@ class JobEngine:
             if task.state != "sent":
                 return f"ignored: task is {task.state} ({task.cancel_reason})"
             task.state = "done"
-            task.result = res.model_dump()
+            task.result = {**task.result, **res.model_dump()}
             rv = s.get(RunVm, task.run_vm_id) if task.run_vm_id else None
             if rv is None or rv.state in TERMINAL:
                 return "recorded"

@@ -71,9 +71,10 @@ def build_context(cfg: ServerConfig, repo: Repository | None,
     files = tls_files(cfg)
     catalog = Catalog.open(cfg.catalog_location)
     storage = RepositoryStorage(repo) if repo is not None else None
-    sessions = SessionManager(catalog, repo) if repo is not None else None
     engine = JobEngine(catalog, EngineSettings(dead_after=cfg.dead_after), storage=storage,
                        server_checks=server_checks)
+    sessions = SessionManager(catalog, repo, on_commit=engine.note_commit) \
+        if repo is not None else None
     ca_pem = files.ca.read_bytes()
     ctx = ServerContext(catalog=catalog, engine=engine, storage=storage, ca_pem=ca_pem,
                         ca_fingerprint=tls.fingerprint(ca_pem), dead_after=cfg.dead_after,

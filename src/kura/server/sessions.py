@@ -28,8 +28,9 @@ its own cluster that the server asked it to back up. What a session may do:
 
 A session that ends without a manifest (the agent reports failure, its task is
 cancelled, its connection drops and it stays silent for ``idle_timeout``, or
-the server restarts) is aborted: the lock and writer registration it created
-are removed, so the VM's next backup is not blocked. Its chunks and indexes
+the server restarts) is aborted. Whenever a session closes, the lock and
+writer registration it created and still holds are removed, so the VM's next
+backup is not blocked. Its chunks and indexes
 are garbage for GC, never a restore point. Sessions are persisted in the
 catalog only for that clean-up.
 """
@@ -43,6 +44,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
@@ -83,8 +85,10 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, catalog: Catalog, repo: Repository, *, idle_timeout: float = 60.0) -> None:
+    def __init__(self, catalog: Catalog, repo: Repository, *, idle_timeout: float = 60.0,
+                 on_commit: Callable[[int, str], None] | None = None) -> None:
         self.catalog = catalog
+        self.on_commit = on_commit
         self.repo = repo
         self.backend = repo.store.backend
         self.idle_timeout = idle_timeout
@@ -177,7 +181,10 @@ class SessionManager:
         if not sess.committed:
             log.warning("session %s (VM %s) aborted: %s; no restore point", sess.id,
                         sess.vm_uuid, why)
-            self._remove_objects(sorted(sess.created))
+        # Whatever the writer did not release itself (its connection may have dropped
+        # right after the commit) is released here, so the VM's next backup is not
+        # blocked by a lock whose holder process is still alive on its node.
+        self._remove_objects(sorted(sess.created))
         with self.catalog.session() as s:
             row = s.get(BackupSession, sess.id)
             if row is not None:
@@ -356,6 +363,8 @@ class SessionManager:
                           f"parent ({', '.join(x[:16] for x in bad[:3])}...); refused")
         store.backend.write(name, blob)
         sess.committed = True
+        if self.on_commit is not None:
+            self.on_commit(sess.task_id, sid)
         log.info("restore point %s of VM %s committed by agent %s", sid, sess.vm_uuid,
                  sess.agent_id)
 

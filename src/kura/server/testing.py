@@ -237,6 +237,8 @@ class TcpProxy:
     def cut(self) -> None:
         """Drop every connection and refuse new ones."""
         if self._listener is not None:
+            with contextlib.suppress(OSError):  # wakes the accept() and stops listening
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
         with self._lock:

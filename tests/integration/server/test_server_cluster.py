@@ -169,7 +169,7 @@ def test_agent_killed_server_killed_and_network_cut(site: Site,
 
     # 1. The agent dies mid-backup: the attempt fails with that reason and is retried.
     run = c.run_job("j")
-    killer = _when_running(c, run.id, vm.name, "data", lambda: site.restart_agent("node-a"))
+    killer = _when_running(c, run.id, vm.name, "view", lambda: site.restart_agent("node-a"))
     done = _finished(c, run.id)
     killer.join(60)
     text = _log(c, run.id)
