@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -76,6 +77,7 @@ from kura.lab.state import (
 from kura.lab.verify import Verdict, verify_image
 from kura.lab.vm import LabVM, console_path
 
+log = logging.getLogger("kura.lab")
 DEFAULT_ROOT = Path("/var/lib/kura/lab")
 UEFI_MIN_MEMORY_MIB = 256
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -102,8 +104,9 @@ class Lab:
         self._state = state
         self._conns: dict[str, libvirt.virConnect] = {}
         self._image: GuestImage | None = None
-        #: Called with one line per step of ``up``/``down`` (the CLI prints them).
-        self.progress: Callable[[str], None] = lambda _msg: None
+        #: Called with one line per step of ``up``/``down`` (the CLI prints them;
+        #: by default they go to the ``kura.lab`` logger at INFO).
+        self.progress: Callable[[str], None] = log.info
 
     # -- identity ------------------------------------------------------------------
 
