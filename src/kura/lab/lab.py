@@ -277,10 +277,11 @@ class Lab:
                                wait=False, role="lab")
                 self.progress(f"{name}: defined and started on {where} ({storage} storage)")
         self._recover_vms()
+        # Only the lab's own VMs: a test's VM may have a frozen or hung agent on purpose.
         for vm in self.vms():
-            if vm.agent and vm.is_active():
+            if vm.record.role == "lab" and vm.agent and vm.is_active():
                 vm.wait_agent(90)
-        self.progress("all VMs answer")
+        self.progress("the lab's VMs answer")
 
     def _recover_vms(self) -> None:
         """Define lab VMs that vanished and start the lab's own VMs left shut off."""
