@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import filecmp
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,31 @@ def test_lost_checkpoint_falls_back_to_full(lab: Lab, lab_vm, repo: Repository,
     assert r.kind == "full"
     assert "cannot be restored on this node" in r.reason or "cannot be trusted" in r.reason
     assert repo.get_snapshot(r.restore_point).parent is None
+
+
+def _qemu_pid(name: str) -> int:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and f"guest={name},".encode() in b" ".join(argv):
+            return int(proc.name)
+    raise AssertionError(f"no QEMU process for {name}")
+
+
+def test_qemu_crash_makes_bitmaps_untrusted_and_the_next_backup_full(
+        lab: Lab, lab_vm, repo: Repository, tmp_path: Path) -> None:
+    vm = lab_vm(node="node-a", storage="shared", workload=True)
+    _backup_checked(lab, vm, repo, tmp_path, 1)
+    vm.shutdown()  # the bitmap is now in the qcow2 header ...
+    vm.start()
+    os.kill(_qemu_pid(vm.name), signal.SIGKILL)  # ... and QEMU dies with it in use
+    lab.wait_for(lambda: not vm.is_active(), 30, "the killed VM to stop")
+    vm.start()
+    r = _backup_checked(lab, vm, repo, tmp_path, 2)
+    assert r.kind == "full" and "cannot be trusted" in r.reason, r.reason
+    r = _backup_checked(lab, vm, repo, tmp_path, 3)
+    assert r.kind == "incremental", r.reason
