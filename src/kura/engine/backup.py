@@ -62,7 +62,7 @@ from kura.hypervisor.view import (
     vm_lock,
 )
 from kura.nbd import NbdSource
-from kura.repository import Manifest, Repository, SnapshotWriter, SourceRef
+from kura.repository import Repository, SnapshotWriter, SourceRef
 
 CONSISTENCY_POLICIES = ("require", "prefer", "off")
 LIVE_STATES = ("running", "paused")
@@ -479,7 +479,3 @@ def _read_disks(sources: list[tuple[str, NbdSource]], info: DomainInfo, plan: Ch
                  f"new bytes ({entry.stats.get('chunks_written', 0)} new chunks, "
                  f"{entry.stats.get('chunks_reused', 0)} already stored)")
 
-
-def latest_restore_point(repo: Repository, uuid: str) -> Manifest | None:
-    """The VM's latest committed restore point (the base of its next incremental)."""
-    return repo.latest(uuid)
