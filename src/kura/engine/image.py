@@ -28,7 +28,7 @@ import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -47,7 +47,8 @@ class ImageSource(Protocol):
 
     def data_chunks(self, chunk_size: int) -> list[int]: ...
 
-    def pread(self, offset: int, length: int) -> bytes: ...
+    def read_chunks(self, indexes: Iterable[int], chunk_size: int) -> Iterator[tuple[int, bytes]]:
+        ...
 
 
 class RawFile:
@@ -88,6 +89,11 @@ class RawFile:
         if len(data) != length:
             raise UsageError(f"image {self.path} shrank while it was being backed up")
         return data
+
+    def read_chunks(self, indexes: Iterable[int], chunk_size: int) -> Iterator[tuple[int, bytes]]:
+        for index in indexes:
+            offset = index * chunk_size
+            yield index, self.pread(offset, min(chunk_size, self.size - offset))
 
     def close(self) -> None:
         os.close(self.fd)
@@ -154,12 +160,7 @@ def backup_image(repo: Repository, options: ImageBackupOptions, *,
             disk = writer.add_disk(DISK_NAME, size, attrs={
                 "format": fmt, "path": str(image.resolve()), "virtual_size": size})
             done = 0
-            for index in data:
-                # Synchronous pread, not read_chunks: with python3-libnbd 1.14 every
-                # aio_pread buffer stays alive until the handle closes (the whole image in
-                # RAM). The repository's worker pool overlaps hashing/compression with it.
-                offset = index * chunk_size
-                chunk = src.pread(offset, min(chunk_size, size - offset))
+            for index, chunk in src.read_chunks(data, chunk_size):
                 disk.write_chunk(index, chunk)
                 if progress:
                     progress(len(chunk))
