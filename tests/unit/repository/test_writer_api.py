@@ -1,0 +1,120 @@
+"""Writer life cycle and the hooks a remote data path uses (ChunkSink, low-level calls)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kura.errors import IntegrityError, SnapshotNotFound, UsageError
+from kura.repository import Repository, SourceRef, StoreSink
+from kura.repository.testing import TEST_CHUNK, make_repo, write_disk
+
+CS = TEST_CHUNK
+SRC = SourceRef("image", "img", "img")
+
+
+class RecordingSink:
+    """A sink as a remote agent would use: the blobs go 'over the wire' to put()."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.puts: list[bytes] = []
+        self.flushed = 0
+
+    def has(self, chunk_id: bytes) -> bool:
+        return self.repo.has_chunk(chunk_id)
+
+    def put(self, chunk_id: bytes, blob: bytes | bytearray) -> None:
+        # the server side checks what it stores
+        assert self.repo.open_chunk(chunk_id, bytes(blob))
+        self.repo.store_chunk_blob(chunk_id, bytes(blob))
+        self.puts.append(chunk_id)
+
+    def flush(self) -> None:
+        self.flushed += 1
+
+
+def test_custom_sink(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    sink = RecordingSink(repo)
+    data = os.urandom(CS) * 2 + os.urandom(CS)
+    with repo.begin_snapshot(SRC, node="n", sink=sink) as w:
+        d = w.add_disk("disk", len(data))
+        for i in range(3):
+            d.write_chunk(i, data[i * CS:(i + 1) * CS])
+        m = w.commit()
+    assert len(sink.puts) == 2 and sink.flushed >= 1
+    assert repo.open_disk(m, "disk").pread(0, len(data)) == data
+
+
+def test_low_level_hooks(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    data = b"chunk data" * 100
+    cid = repo.chunk_id(data)
+    blob = repo.seal_chunk(cid, data)
+    assert not repo.has_chunk(cid)
+    repo.store_chunk_blob(cid, bytes(blob))
+    assert repo.has_chunk(cid)
+    assert repo.open_chunk(cid, bytes(blob)) == data
+    with pytest.raises(IntegrityError):
+        repo.open_chunk(repo.chunk_id(b"other"), bytes(blob))
+
+
+def test_exception_in_with_block_aborts(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    with pytest.raises(RuntimeError), repo.begin_snapshot(SRC, node="n") as w:
+        w.add_disk("disk", CS).write_chunk(0, os.urandom(CS))
+        raise RuntimeError("boom")
+    assert repo.list_snapshots() == []
+    assert list((tmp_path / "r" / "locks").iterdir()) == []
+    assert list((tmp_path / "r" / "writers").iterdir()) == []
+    with pytest.raises(UsageError, match="aborted"):
+        w.commit()
+    write_disk(repo, "img", b"x" * 10)  # the source is free again
+
+
+def test_parent_removed_before_start(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    m = write_disk(repo, "img", b"x" * 10)
+    repo.forget(m.id)
+    with pytest.raises(SnapshotNotFound, match="full backup"):
+        repo.begin_snapshot(SRC, node="n", parent=m, kind="incremental")
+    assert list((tmp_path / "r" / "locks").iterdir()) == []
+
+
+def test_parent_checks(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    other = write_disk(repo, "other", b"x" * 10)
+    with pytest.raises(UsageError, match="belongs to source"):
+        repo.begin_snapshot(SRC, node="n", parent=other)
+    with pytest.raises(UsageError, match="kind"):
+        repo.begin_snapshot(SRC, node="n", kind="differential")
+    m = write_disk(repo, "img", b"x" * 10)
+    failed = repo.store.load_manifest(m.id)
+    with pytest.raises(UsageError, match="failed verification"):
+        repo.begin_snapshot(SRC, node="n", parent=replace(failed, verify_state="failed"))
+    with repo.begin_snapshot(SRC, node="n") as w:
+        with pytest.raises(UsageError, match="needs a parent"):
+            w.add_disk("disk", 10, base=m.disks[0])
+        w.abort()
+
+
+def test_worker_error_surfaces(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+
+    class Broken(StoreSink):
+        def put(self, chunk_id: bytes, blob: bytes | bytearray) -> None:
+            raise IntegrityError("the wire broke")
+
+    with repo.begin_snapshot(SRC, node="n", sink=Broken(repo.store)) as w:
+        d = w.add_disk("disk", 4 * CS)
+        with pytest.raises(IntegrityError, match="wire broke"):
+            for i in range(4):
+                d.write_chunk(i, os.urandom(CS))
+            d.finish()
+        with pytest.raises(IntegrityError):
+            w.commit()
+    assert repo.list_snapshots() == []
