@@ -38,9 +38,8 @@ def disks(draw: st.DrawFn) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def shared_repo() -> Repository:
-    d = tempfile.mkdtemp(prefix="kura-test-")
-    return make_repo(Path(d) / "repo")
+def shared_repo(tmp_path_factory: pytest.TempPathFactory) -> Repository:
+    return make_repo(tmp_path_factory.mktemp("shared") / "repo")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -226,22 +225,23 @@ def test_manifest_moved_to_another_name_is_rejected(tmp_path: Path) -> None:
        mode=st.sampled_from(["flip", "truncate"]), encrypted=st.booleans())
 def test_any_metadata_damage_is_detected(which: str, pos: int, mode: str,
                                          encrypted: bool) -> None:
-    root = Path(tempfile.mkdtemp(prefix="kura-meta-"))
-    repo = make_repo(root / "r", encrypted=encrypted)
-    data = os.urandom(CS) + bytes(CS) + os.urandom(10)
-    m = write_disk(repo, "img", data)
-    path = root / "r" / (m.disks[0].index if which == "index"
-                         else f"snapshots/{m.id}.manifest")
-    raw = bytearray(path.read_bytes())
-    if mode == "flip":
-        raw[pos % len(raw)] ^= 1 << (pos % 8)
-    else:
-        del raw[pos % len(raw):]
-    path.write_bytes(bytes(raw))
-    fresh = Repository.open(root / "r", passphrase=b"correct horse battery staple"
-                            if encrypted else None)
-    # a flipped version byte reads as a newer format: a clear error either way
-    with pytest.raises((IntegrityError, UnsupportedFormat)):
-        fresh.open_disk(m.id, "disk").pread(0, len(data))
-    report = fresh.verify()
-    assert report.failed_snapshots == [m.id]
+    with tempfile.TemporaryDirectory(prefix="kura-meta-") as tmp:
+        root = Path(tmp)
+        repo = make_repo(root / "r", encrypted=encrypted)
+        data = os.urandom(CS) + bytes(CS) + os.urandom(10)
+        m = write_disk(repo, "img", data)
+        path = root / "r" / (m.disks[0].index if which == "index"
+                             else f"snapshots/{m.id}.manifest")
+        raw = bytearray(path.read_bytes())
+        if mode == "flip":
+            raw[pos % len(raw)] ^= 1 << (pos % 8)
+        else:
+            del raw[pos % len(raw):]
+        path.write_bytes(bytes(raw))
+        fresh = Repository.open(root / "r", passphrase=b"correct horse battery staple"
+                                if encrypted else None)
+        # a flipped version byte reads as a newer format: a clear error either way
+        with pytest.raises((IntegrityError, UnsupportedFormat)):
+            fresh.open_disk(m.id, "disk").pread(0, len(data))
+        report = fresh.verify()
+        assert report.failed_snapshots == [m.id]

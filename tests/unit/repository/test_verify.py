@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -68,24 +69,22 @@ def test_verify_one_snapshot_and_missing_objects(tmp_path: Path) -> None:
     assert any(d.disk is None and "manifest" in d.reasons[0] for d in report.damaged)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(victim=st.integers(min_value=0, max_value=3), pos=st.integers(min_value=0),
        mode=st.sampled_from(["flip", "truncate"]))
-def test_any_chunk_damage_is_reported(tmp_path_factory: object, victim: int, pos: int,
-                                      mode: str) -> None:
-    import tempfile
-    root = Path(tempfile.mkdtemp(prefix="kura-verify-"))
-    repo = make_repo(root / "r", encrypted=bool(victim % 2))
-    parts = [os.urandom(CS) for _ in range(4)]
-    m = write_disk(repo, "img", b"".join(parts))
-    path = root / "r" / chunk_name(repo.chunk_id(parts[victim]))
-    raw = bytearray(path.read_bytes())
-    if mode == "flip":
-        raw[pos % len(raw)] ^= 1
-    else:
-        del raw[pos % len(raw):]
-    path.write_bytes(bytes(raw))
-    report = repo.verify()
-    assert [(d.snapshot, d.ranges) for d in report.damaged] == [
-        (m.id, [(victim * CS, (victim + 1) * CS)])]
+def test_any_chunk_damage_is_reported(victim: int, pos: int, mode: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="kura-verify-") as tmp:
+        root = Path(tmp)
+        repo = make_repo(root / "r", encrypted=bool(victim % 2))
+        parts = [os.urandom(CS) for _ in range(4)]
+        m = write_disk(repo, "img", b"".join(parts))
+        path = root / "r" / chunk_name(repo.chunk_id(parts[victim]))
+        raw = bytearray(path.read_bytes())
+        if mode == "flip":
+            raw[pos % len(raw)] ^= 1
+        else:
+            del raw[pos % len(raw):]
+        path.write_bytes(bytes(raw))
+        report = repo.verify()
+        assert [(d.snapshot, d.ranges) for d in report.damaged] == [
+            (m.id, [(victim * CS, (victim + 1) * CS)])]
