@@ -3,7 +3,9 @@
 ``make_repo`` creates a small, fast repository (64 KiB chunks, cheap scrypt);
 ``write_disk`` stores bytes as a one-disk restore point; ``FaultyBackend``
 wraps a backend and injects failures (``ENOSPC`` after N writes, or a hook
-called before every write) to test what an error leaves behind.
+called before every write) to test what an error leaves behind;
+``check_backend`` is the conformance suite every ``Backend`` must pass;
+``age_files`` makes a repository's files look old (GC tests).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from kura.errors import StorageFull
-from kura.repository.backend import Backend, LocalBackend, ObjectStat
+from kura.errors import StorageFull, UsageError
+from kura.repository.backend import Backend, LocalBackend, ObjectNotFound, ObjectStat
 from kura.repository.index import chunk_count
 from kura.repository.manifest import DiskEntry, Manifest, SourceRef
 from kura.repository.repo import Repository
@@ -118,3 +120,59 @@ def age_files(root: Path, seconds: float = 3600) -> None:
     for p in root.rglob("*"):
         if p.is_file():
             os.utime(p, (old, old))
+
+
+class ConformanceFailure(AssertionError):
+    """A backend does not behave as the Backend protocol requires."""
+
+
+def _expect(ok: bool, what: str) -> None:
+    if not ok:
+        raise ConformanceFailure(what)
+
+
+def check_backend(backend: Backend) -> None:
+    """The conformance suite every Backend must pass (run it on an empty backend).
+
+    Checks atomic overwrite, exclusive create, recursive sorted listing, touch
+    (mtime and the missing case), stat, rename, delete (missing is fine, folders
+    recursively), missing objects (``ObjectNotFound``) and invalid names.
+    """
+    backend.write("a/b/c", b"hello")
+    _expect(backend.read("a/b/c") == b"hello", "read returns what write stored")
+    backend.write("a/b/c", bytearray(b"again"))
+    _expect(backend.read("a/b/c") == b"again", "write replaces an object")
+    _expect(backend.exists("a/b/c") and backend.stat("a/b/c").size == 5, "exists/stat")
+    for call in (lambda: backend.read("no/x"), lambda: backend.stat("no/x")):
+        try:
+            call()
+        except ObjectNotFound:
+            pass
+        else:
+            raise ConformanceFailure("a missing object raises ObjectNotFound")
+    _expect(not backend.exists("no/x") and backend.touch("no/x") is False, "missing object")
+    backend.delete("no/x")
+    _expect(backend.create("locks/l", b"1") is True, "create makes a new object")
+    _expect(backend.create("locks/l", b"2") is False, "create never replaces")
+    _expect(backend.read("locks/l") == b"1", "create keeps the first content")
+    for name in ("d/2/y", "d/1/x", "d/1/w"):
+        backend.write(name, b"")
+    _expect(list(backend.list("d")) == ["d/1/w", "d/1/x", "d/2/y"], "list: recursive, sorted")
+    _expect(list(backend.list("nothing")) == [], "list of a missing folder is empty")
+    before = backend.stat("d/1/w").mtime
+    time.sleep(0.02)
+    _expect(backend.touch("d/1/w") and backend.stat("d/1/w").mtime >= before, "touch")
+    backend.rename("d/1/w", "e/moved")
+    _expect(not backend.exists("d/1/w") and backend.exists("e/moved"), "rename")
+    backend.sync_dirs(["e/moved"])
+    backend.delete("d")
+    _expect(list(backend.list("d")) == [], "delete removes a folder recursively")
+    _expect(list(backend.list("tmp")) == [], "no temporary objects left behind")
+    for bad in ("", "/abs", "a/../b", "a//b"):
+        try:
+            backend.read(bad)
+        except UsageError:
+            continue
+        except ObjectNotFound:
+            pass
+        raise ConformanceFailure(f"invalid name {bad!r} is refused")

@@ -12,11 +12,16 @@ import pytest
 
 from kura.errors import StorageFull, UsageError
 from kura.repository.backend import Backend, LocalBackend, ObjectNotFound, open_backend
+from kura.repository.testing import check_backend
 
 
 @pytest.fixture(params=["local"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return LocalBackend(tmp_path / "repo")
+
+
+def test_conformance_suite(backend: Backend) -> None:
+    check_backend(backend)
 
 
 def test_write_read_roundtrip(backend: Backend) -> None:
