@@ -187,12 +187,31 @@ class LocalBackend:
                     os.link(tmp, path)
             except FileExistsError:
                 return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                return self._create_excl(path, data)  # no hard links (some FUSE/SMB)
             finally:
                 tmp.unlink(missing_ok=True)
             self._fsync_dir(path.parent)
             return True
         except OSError as exc:
             raise self._fail(exc, name, "creating") from exc
+
+    def _create_excl(self, path: Path, data: bytes) -> bool:
+        # Not atomic for readers (a lock may be seen empty for a moment; lock readers
+        # then judge it by its mtime), but still exclusive.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._fsync_dir(path.parent)
+        return True
 
     def exists(self, name: str) -> bool:
         return self._path(name).exists()

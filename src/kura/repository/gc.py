@@ -39,7 +39,14 @@ from dataclasses import asdict, dataclass
 from kura.errors import KuraError, RepositoryError
 from kura.repository.backend import TMP_DIR as TMP
 from kura.repository.backend import ObjectNotFound
-from kura.repository.locks import GC_LOCK, HOST, acquire_lock, dead_registrations, live_writers
+from kura.repository.locks import (
+    GC_LOCK,
+    HOST,
+    PIDNS,
+    acquire_lock,
+    dead_registrations,
+    live_writers,
+)
 from kura.repository.store import (
     CHUNKS_DIR,
     INDEXES_DIR,
@@ -116,7 +123,7 @@ def gc(store: RepoStore, *, grace_seconds: float = DEFAULT_GRACE, dry_run: bool 
     """Collect garbage (see module docstring); returns what was (or would be) freed."""
     t0 = time.time()
     backend = store.backend
-    payload = json.dumps({"writer": f"gc-{uuid.uuid4().hex}", "host": HOST,
+    payload = json.dumps({"writer": f"gc-{uuid.uuid4().hex}", "host": HOST, "pidns": PIDNS,
                           "pid": os.getpid(), "started": t0}).encode()
     acquire_lock(backend, GC_LOCK, payload, "garbage collection")
     try:

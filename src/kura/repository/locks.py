@@ -10,10 +10,10 @@ A lock is taken by creating its object exclusively (``Backend.create``: a hard
 link on POSIX, which is atomic on local and NFS file systems). A heartbeat
 thread touches the registration and the lock every ``HEARTBEAT`` seconds. A
 holder is *dead* when its heartbeat is older than ``STALE_AFTER`` seconds, or at
-once when it ran on this host and its process is gone (pid + process start time,
-so a recycled pid does not count). A dead holder's lock is broken by renaming it
-away, checking that the renamed object is still the dead holder's (else it is put
-back) and creating the lock again.
+once when it ran on this host, in this PID namespace and boot, and its process
+is gone (pid + process start time, so a recycled pid does not count). A dead
+holder's lock is broken by renaming it away, checking that the renamed object is
+still the dead holder's (else it is put back) and creating the lock again.
 """
 
 from __future__ import annotations
@@ -67,7 +67,25 @@ def _pid_start(pid: int) -> int | None:
         return None
 
 
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace and boot: pids are only comparable within both."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = ""
+    return f"{_read_text('/proc/sys/kernel/random/boot_id')}/{ns}"
+
+
 HOST = socket.gethostname()
+PIDNS = _pid_namespace()
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,7 @@ class Holder:
     host: str
     pid: int
     pid_start: int | None
+    pidns: str
     started: float
     source: str
     parent: str | None
@@ -88,20 +107,21 @@ class Holder:
         try:
             doc = json.loads(data)
             return cls(writer=str(doc["writer"]), host=str(doc["host"]), pid=int(doc["pid"]),
-                       pid_start=doc.get("pid_start"), started=float(doc["started"]),
+                       pid_start=doc.get("pid_start"), pidns=str(doc.get("pidns", "")),
+                       started=float(doc["started"]),
                        source=str(doc.get("source", "")), parent=doc.get("parent"),
                        mtime=mtime)
         except (ValueError, KeyError, TypeError):
             # An unreadable holder (half-written by a crashed NFS client...) is judged
             # by its mtime alone.
-            return cls(writer="?", host="?", pid=0, pid_start=None, started=mtime,
+            return cls(writer="?", host="?", pid=0, pid_start=None, pidns="", started=mtime,
                        source="", parent=None, mtime=mtime)
 
     def alive(self, now: float | None = None, stale_after: float = STALE_AFTER) -> bool:
         now = time.time() if now is None else now
         if now - self.mtime > stale_after:
             return False
-        if self.host == HOST and self.pid > 0:
+        if self.host == HOST and self.pidns == PIDNS and self.pid > 0:
             try:
                 os.kill(self.pid, 0)
             except ProcessLookupError:
@@ -200,7 +220,7 @@ class WriterSession:
     def _payload(self) -> bytes:
         doc: dict[str, Any] = {
             "writer": self.writer_id, "host": HOST, "pid": os.getpid(),
-            "pid_start": _pid_start(os.getpid()), "started": self.started,
+            "pid_start": _pid_start(os.getpid()), "pidns": PIDNS, "started": self.started,
             "source": self.source_key, "parent": self.parent}
         return json.dumps(doc).encode()
 

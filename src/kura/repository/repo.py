@@ -34,7 +34,7 @@ from kura.errors import (
 from kura.repository import gc as gc_mod
 from kura.repository import prune as prune_mod
 from kura.repository import verify as verify_mod
-from kura.repository.backend import Backend, ObjectNotFound, open_backend
+from kura.repository.backend import Backend, LocalBackend, ObjectNotFound, open_backend
 from kura.repository.config import CONFIG, MAX_CHUNK, MIN_CHUNK, RepoConfig, read_config
 from kura.repository.crypto import (
     DEFAULT_SCRYPT_N,
@@ -92,6 +92,10 @@ class Repository:
         if backend.exists(CONFIG):
             raise RepositoryExists(f"a repository already exists at {backend.location}",
                                    hint="use it, or choose another --repo")
+        if isinstance(backend, LocalBackend) and backend.root.is_dir() and any(
+                backend.root.iterdir()):
+            raise UsageError(f"{backend.location} is not empty and is not a kura repository",
+                             hint="choose an empty or new directory")
         master = MasterKey.generate()
         repo_id = uuid.uuid4().hex
         key = wrap_key(master, repo_id, passphrase if encryption != "none" else None,

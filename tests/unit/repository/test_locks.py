@@ -106,3 +106,15 @@ def test_concurrent_writers_of_different_sources(tmp_path: Path) -> None:
     assert len(repo.list_snapshots()) == 6
     assert repo.verify().ok
     assert repo.info()["chunks"] == 6 * 4 + 1
+
+
+def test_holder_in_another_pid_namespace_is_judged_by_heartbeat(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    w = repo.begin_snapshot(SRC, node="a")
+    lock = tmp_path / "r" / source_lock_name(SRC.key)
+    doc = json.loads(lock.read_text())
+    doc.update(pid=999999, pidns="other-boot/pid:[1]")  # a container on this host
+    lock.write_text(json.dumps(doc))
+    with pytest.raises(LockedError):
+        repo.begin_snapshot(SRC, node="b")
+    w.abort()

@@ -166,3 +166,12 @@ def test_protect_and_notes(tmp_path: Path) -> None:
     repo.protect(m.id, False)
     repo.forget(m.id)
     assert repo.list_snapshots() == []
+
+
+def test_init_refuses_a_non_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "file").write_text("x")
+    with pytest.raises(UsageError, match="not empty"):
+        make_repo(tmp_path / "home")
+    (tmp_path / "empty").mkdir()
+    make_repo(tmp_path / "empty")
