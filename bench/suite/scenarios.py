@@ -445,9 +445,11 @@ class Suite:
                              f"backed up; see {work}")
         share = job.server_cpu / (job.server_cpu + job.agents_cpu)
         self.r.add(Row(G5, SERVER_JOB, "kura", [job.seconds], total, stored=repo.stored(),
+                       rss=job.agent_rss,
                        note=f"{n} VMs, {n // 2} per node; server + agents CPU "
                             f"{job.server_cpu + job.agents_cpu:.1f} s, server "
-                            f"{job.server_cpu:.1f} s"))
+                            f"{job.server_cpu:.1f} s; peak RSS: agent (column), server "
+                            f"{job.server_rss / MIB:.0f} MiB"))
         self.r.add(Row(G5, ONE_BY_ONE, "kura-alt", [sum(secs)], total,
                        stored=alone.stored(), rss=rss,
                        note="standalone `kura backup VM --full`, one after the other"))

@@ -17,7 +17,8 @@ encrypted repository of their own): the sum of their times.
 CPU: the server's and the agents' CPU time (user + system, from
 ``/proc/<pid>/stat``) is sampled before and after the job; the server's
 share is its part of the sum. Everything else on the machine (QEMU, other
-engineers' tests) is outside both.
+engineers' tests) is outside both. Memory: the agents' and the server's
+peak resident set (``VmHWM``) when the job has ended.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ from suite.measure import BenchError
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss(pid: int) -> int:
+    """A live process's peak resident set so far (``VmHWM``), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and of its waited-for children."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -49,6 +58,8 @@ class JobFigures:
     agents_cpu: float
     status: str
     vms_ok: int
+    server_rss: int
+    agent_rss: int  # the larger of the agents' peaks
 
 
 class Site:
@@ -122,4 +133,5 @@ class Site:
         seconds = time.monotonic() - t0
         s1, a1 = cpu_seconds(spid), sum(cpu_seconds(p) for p in pids)
         ok = sum(1 for v in run.vms if v.state == "succeeded")
-        return JobFigures(seconds, s1 - s0, a1 - a0, run.status, ok)
+        return JobFigures(seconds, s1 - s0, a1 - a0, run.status, ok, peak_rss(spid),
+                          max((peak_rss(p) for p in pids), default=0))
