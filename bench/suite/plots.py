@@ -34,7 +34,7 @@ LABELS = {"kura": "kura", "kura-alt": "kura (other path)", "peer": "peer",
 def throughput(results: Results, path: Path) -> Path:
     groups = sorted(g for g in results.groups() if not g.startswith("6 "))
     heights = [max(1, len(results.group(g))) for g in groups]
-    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 0.42 * sum(heights) + 1.1 * len(groups)),
+    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 0.42 * sum(heights) + 1.1 * len(groups)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     handles: dict[str, Any] = {}
     for ax, g in zip(axes[:, 0], groups, strict=True):
@@ -52,7 +52,7 @@ def throughput(results: Results, path: Path) -> Path:
                 extra = (f"   (kura takes {ratio:.1f}× its time)" if r.role in ("limit", "derived")
                          else f"   (its time = {ratio:.2f}× kura's)")
             ax.text(v + top * 0.01, y, f"{v:,.0f}{extra}", va="center", fontsize=8)
-        ax.set_xlim(0, top * 1.45)
+        ax.set_xlim(0, top * 1.6)
         ax.set_title(g, loc="left", fontsize=10, fontweight="bold")
         ax.tick_params(axis="y", labelsize=8)
         ax.tick_params(axis="x", labelsize=8)
@@ -102,8 +102,14 @@ def scaling(results: Results, path: Path) -> Path:
     ax_t.set_title("kura full backup time against disk size", fontsize=10)
     ax_m.set_ylabel("kura peak RSS, MiB")
     ax_m.set_title("peak memory of the backup process", fontsize=10)
-    ax_m.set_ylim(bottom=0)
-    ax_t.set_ylim(bottom=0)
+    target = 300e6 / MIB  # issues 2 and 4: peak memory < 300 MB
+    ax_m.axhline(target, color="#777777", linestyle=":", linewidth=1)
+    ax_m.annotate("target: < 300 MB", (sizes[0] if sizes else 1, target),
+                  textcoords="offset points", xytext=(2, 4), fontsize=7, color="#555555")
+    top_m = max([p["rss"] / MIB for p in results.scaling] + [target])
+    ax_m.set_ylim(0, top_m * 1.2)
+    top_t = max([p["seconds"] for p in results.scaling] + [1.0])
+    ax_t.set_ylim(0, top_t * 1.2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
