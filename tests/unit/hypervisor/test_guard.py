@@ -1,0 +1,71 @@
+"""The guard's protocol, against a fake domain (the lab tests use real ones)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from kura.hypervisor.guard import _serve
+
+
+class FakeDomain:
+    def __init__(self, job_xml: str) -> None:
+        self.calls: list[str] = []
+        self.job_xml = job_xml
+
+    def fsThaw(self, _mounts: object, _flags: int) -> int:
+        self.calls.append("thaw")
+        return 1
+
+    def backupGetXMLDesc(self, _flags: int) -> str:
+        return self.job_xml
+
+    def abortJob(self) -> None:
+        self.calls.append("abort")
+
+    def checkpointLookupByName(self, name: str, _flags: int) -> FakeDomain:
+        self.calls.append(f"lookup {name}")
+        return self
+
+    def delete(self, _flags: int) -> None:
+        self.calls.append("delete")
+
+
+def _run(dom: FakeDomain, lines: list[str], *, close: bool) -> threading.Thread:
+    r, w = os.pipe()
+    reader = os.fdopen(r, "r")
+    thread = threading.Thread(target=_serve, args=(reader, dom), daemon=True)
+    thread.start()
+    os.write(w, "".join(line + "\n" for line in lines).encode())
+    if close:
+        os.close(w)
+    return thread
+
+
+def test_parent_death_undoes_everything(tmp_path: Path) -> None:
+    scratch = tmp_path / "job"
+    scratch.mkdir()
+    dom = FakeDomain(f"<domainbackup><server socket='{scratch}/nbd.sock'/></domainbackup>")
+    t = _run(dom, ["frozen 30", f"job kura-1 {scratch}"], close=True)
+    t.join(5)
+    assert not t.is_alive()
+    assert dom.calls == ["thaw", "abort", "lookup kura-1", "delete"]
+    assert not scratch.exists()
+
+
+def test_committed_checkpoint_is_kept_and_foreign_jobs_untouched(tmp_path: Path) -> None:
+    dom = FakeDomain("<domainbackup><server socket='/elsewhere/nbd.sock'/></domainbackup>")
+    t = _run(dom, ["frozen 30", "thawed", f"job kura-1 {tmp_path}/job", "committed"],
+             close=True)
+    t.join(5)
+    assert dom.calls == []
+
+
+def test_deadline_thaws_a_stuck_parent_and_done_exits_quietly() -> None:
+    dom = FakeDomain("")
+    t = _run(dom, ["frozen 0.2"], close=False)
+    time.sleep(0.6)
+    assert dom.calls == ["thaw"]
+    assert t.is_alive()  # still watching until the parent says done or dies
