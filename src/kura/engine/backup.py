@@ -307,6 +307,13 @@ def _live(hv: Hypervisor, dom: Any, info: DomainInfo, plan: ChainPlan, sizes: di
             if frozen is not None:
                 log.info(f"guest thawed: frozen for {frozen:.3f}s "
                          f"({quiescer.filesystems} filesystems)")
+                if frozen >= options.max_frozen:
+                    # The guard thawed the guest before the view existed.
+                    consistency = "crash"
+                    note = (f"the view took {frozen:.0f}s, longer than the "
+                            f"{options.max_frozen:.0f}s a guest may stay frozen: "
+                            "the guard thawed it first")
+                    log.warning(note)
             made = f"new checkpoint {new_cp}" if new_cp else "no checkpoint (no qcow2 disk)"
             log.info(f"point-in-time view exported on {view.socket}; {made}",
                      socket=str(view.socket),
