@@ -171,3 +171,21 @@ def test_second_backup_of_the_same_vm_is_refused_without_harm(lab: Lab, lab_vm,
         r = backup_vm(hv, repo, vm.name, BackupOptions(), [second])
     assert r.ok and len(errors) == 1 and "another kura backup" in str(errors[0])
     assert len(repo.list_snapshots(vm.uuid)) == 1
+
+
+def test_interrupt_during_data_cleans_up_in_process(lab: Lab, lab_vm,
+                                                    repo: Repository) -> None:
+    vm = lab_vm(node="node-a", storage="shared", workload=True)
+    with node_of(lab, vm) as hv:
+        first = backup_vm(hv, repo, vm.name, BackupOptions())
+
+        def ctrl_c(event) -> None:  # type: ignore[no-untyped-def]
+            if event.kind == "progress" and event.data["done"] > 0:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            backup_vm(hv, repo, vm.name, BackupOptions(), [ctrl_c])
+        _wait_clean(vm, {f"kura-{first.restore_point}"})
+        assert [m.id for m in repo.list_snapshots(vm.uuid)] == [first.restore_point]
+        r = backup_vm(hv, repo, vm.name, BackupOptions())
+    assert r.ok and r.kind == "incremental" and r.parent == first.restore_point
