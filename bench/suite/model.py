@@ -123,6 +123,18 @@ class Results:
             return k.seconds / row.seconds
         return row.seconds / k.seconds
 
+    def ratio_spread(self, row: Row) -> tuple[float, float] | None:
+        """Lowest and highest per-round ratio when ``row`` and kura ran the same rounds
+        side by side (scenario 1 with ``--repeat``): the noise of the ratio itself."""
+        k = self.kura(row.group)
+        if k is None or row is k or len(row.samples) < 2 or len(row.samples) != len(k.samples):
+            return None
+        if row.role in ("limit", "derived"):
+            rs = [a / b for a, b in zip(k.samples, row.samples, strict=True) if b > 0]
+        else:
+            rs = [a / b for a, b in zip(row.samples, k.samples, strict=True) if b > 0]
+        return (min(rs), max(rs)) if rs else None
+
     def to_json(self) -> str:
         return json.dumps({"rows": [asdict(r) for r in self.rows], "context": self.context,
                            "skipped": self.skipped, "scaling": self.scaling}, indent=2)

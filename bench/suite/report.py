@@ -54,9 +54,11 @@ def ratio_text(results: Results, row: Row) -> str:
     r = results.ratio(row)
     if r is None:
         return "—" if row.role == "kura" else ""
+    spread = results.ratio_spread(row)
+    per_round = f" (rounds {spread[0]:.2f}–{spread[1]:.2f})" if spread else ""
     if row.role in ("limit", "derived"):
-        return f"kura {r:.2f}× this"
-    return f"{r:.2f}×"
+        return f"kura {r:.2f}× this{per_round}"
+    return f"{r:.2f}×{per_round}"
 
 
 def main_table(results: Results, *, scaling: bool = False) -> str:

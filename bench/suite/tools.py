@@ -118,9 +118,10 @@ class Borg:
         shutil.rmtree(self.repo, ignore_errors=True)
         quiet(["borg", "init", "--encryption", "repokey", str(self.repo)], env=self.env)
 
-    def create(self, archive: str, path: Path) -> Run:
+    def create(self, archive: str, *paths: Path) -> Run:
+        """One archive of ``paths`` (files of one directory), named relative to it."""
         return run(["borg", "create", "--compression", "zstd,3", f"{self.repo}::{archive}",
-                    path.name], env=self.env, cwd=path.parent)
+                    *(p.name for p in paths)], env=self.env, cwd=paths[0].parent)
 
     def extract(self, archive: str, dest: Path) -> Run:
         shutil.rmtree(dest, ignore_errors=True)
@@ -142,8 +143,10 @@ class Restic:
         shutil.rmtree(self.repo, ignore_errors=True)
         quiet(["restic", "init", "--repository-version", "2"], env=self.env)
 
-    def backup(self, path: Path) -> Run:
-        return run(["restic", "backup", "--quiet", path.name], env=self.env, cwd=path.parent)
+    def backup(self, *paths: Path) -> Run:
+        """One snapshot of ``paths`` (files of one directory), named relative to it."""
+        return run(["restic", "backup", "--quiet", *(p.name for p in paths)], env=self.env,
+                   cwd=paths[0].parent)
 
     def restore(self, dest: Path) -> Run:
         shutil.rmtree(dest, ignore_errors=True)

@@ -122,3 +122,13 @@ def test_results_round_trip_and_plots(tmp_path: Path) -> None:
     assert "how to rerun" in text and "bench-throughput.png" in text
     for png in (docs.THROUGHPUT_PNG, docs.SCALING_PNG):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_round_ratio_spread() -> None:
+    r = Results()
+    r.add(Row(G1, "kura", "kura", [2.0, 4.0], GIB))
+    peer = r.add(Row(G1, VNB_COPY, "peer", [6.0, 4.0], GIB))
+    limit = r.add(Row(G1, NBDCOPY, "limit", [1.0, 1.0], GIB))
+    assert r.ratio_spread(peer) == (1.0, 3.0)
+    assert r.ratio_spread(limit) == (2.0, 4.0)
+    assert "(rounds 1.00–3.00)" in report.main_table(r)
