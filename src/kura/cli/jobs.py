@@ -1,11 +1,21 @@
 """``kura job ...``: job definitions, runs and their logs, through the server.
 
 Every command here talks to the server given by ``--server``/``KURA_SERVER``
-with ``--token``/``KURA_TOKEN``. ``kura ls`` (the cluster inventory) is
-registered here too when no standalone ``ls`` exists.
+with ``--token``/``KURA_TOKEN``.
+
+The standalone commands that make sense against a server (``ls``,
+``snapshots``, ``restore``, ``prune``, ``repo verify``) are defined by their own
+modules; :func:`register` (which runs last) gives each of them ``--server``,
+``--token`` and ``--ca`` options and a thin dispatch: when a server is given
+(option or ``KURA_SERVER``) the command goes to the server, otherwise it runs
+standalone exactly as before. Their own code is untouched.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -13,7 +23,12 @@ from kura.cli.common import console, emit_json, human_bytes, state, table
 from kura.cli.server import (
     follow_run,
     print_log_line,
+    remote_enabled,
     remote_ls,
+    remote_prune,
+    remote_restore,
+    remote_snapshots,
+    remote_verify,
     server_client,
     server_options,
 )
@@ -219,7 +234,66 @@ def ls(ctx: click.Context) -> None:
     remote_ls(ctx)
 
 
+def _retention(kw: dict[str, Any]) -> schemas.Retention:
+    return schemas.Retention(**{k: kw.get(k) for k in schemas.Retention.model_fields})
+
+
+def _remote_restore(ctx: click.Context, kw: dict[str, Any]) -> None:
+    if kw.get("output") is not None:
+        raise UsageError("--output writes a file on this machine; through a server, restore "
+                         "the VM onto a node (drop --output, or unset KURA_SERVER)")
+    target = kw.get("target_dir")
+    remote_restore(ctx, schemas.RestoreRequest(
+        ref=kw["ref"], node=kw.get("node"), new_name=kw.get("new_name"),
+        target_dir=str(target) if target else None, disk=kw.get("disk"),
+        start=bool(kw.get("start")), force=bool(kw.get("force"))))
+
+
+REMOTE: dict[str, Callable[[click.Context, dict[str, Any]], None]] = {
+    "ls": lambda ctx, kw: remote_ls(ctx),
+    "snapshots": lambda ctx, kw: remote_snapshots(ctx, kw.get("name")),
+    "prune": lambda ctx, kw: remote_prune(ctx, _retention(kw), kw.get("name"),
+                                          bool(kw.get("dry_run"))),
+    "restore": _remote_restore,
+    "verify": lambda ctx, kw: remote_verify(ctx),
+}
+
+
+def _through_server(cmd: click.Command, name: str) -> None:
+    """Give a standalone command a server mode (see the module docstring)."""
+    local = cmd.callback
+    if local is None or getattr(local, "_kura_remote", False):
+        return
+    server_options(cmd)  # appends --server/--token/--ca to cmd.params
+    if name == "restore":
+        cmd.params.append(click.Option(["--node"], metavar="NODE",
+                                       help="With a server: the node whose agent restores "
+                                            "(default: where the VM runs)."))
+
+    @functools.wraps(local)
+    def callback(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        if not remote_enabled(ctx):
+            if name == "restore" and kwargs.pop("node", None):
+                raise UsageError("--node needs a server (--server or KURA_SERVER)")
+            return ctx.invoke(local, *args, **kwargs)
+        if kwargs.get("json_"):
+            state(ctx).json = True
+        REMOTE[name](ctx, kwargs)
+        return None
+
+    callback._kura_remote = True  # type: ignore[attr-defined]
+    cmd.callback = callback
+
+
 def register(cli: click.Group) -> None:
     cli.add_command(job)
     if "ls" not in cli.commands:
         cli.add_command(ls)
+    for name in ("ls", "snapshots", "prune", "restore"):
+        cmd = cli.commands.get(name)
+        if cmd is not None and cmd is not ls:
+            _through_server(cmd, name)
+    repo = cli.commands.get("repo")
+    if isinstance(repo, click.Group) and "verify" in repo.commands:
+        _through_server(repo.commands["verify"], "verify")

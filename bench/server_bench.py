@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Benchmark: one server job over both lab nodes vs. the standalone engine, VM by VM.
+
+Builds a private two-node lab with N VMs (default 8, spread over node-a and
+node-b, shared and local storage), then:
+
+1. **standalone**: backs the VMs up one after the other with the node engine
+   (``kura.engine.backup.backup_vm``) into a local repository: the baseline;
+2. **server job**: starts ``kura server`` and one ``kura agent`` per node (real
+   processes, HTTPS, the remote data path) and runs one job selecting every VM,
+   into a second, empty repository.
+
+Both are full backups of the same data. It prints the aggregate throughput
+(bytes read / wall time) of each, and the CPU time of the server process as a
+share of server + agents. Targets: the job at least as fast as the baseline,
+and the server's CPU under 20 % of the total. Not a timed test: run by hand
+(as root; a few minutes):
+
+    .venv/bin/python bench/server_bench.py [--vms 8] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kura.engine.backup import BackupOptions, backup_vm
+from kura.hypervisor.connection import open_connection
+from kura.lab.testing import make_test_lab
+from kura.repository import Repository
+from kura.server import schemas
+from kura.server.testing import AgentProcess, ServerProcess
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vms", type=int, default=8)
+    ap.add_argument("--keep", action="store_true", help="leave the lab and files in place")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="kura-server-bench-", dir="/var/tmp"))
+    lab, base = make_test_lab()
+    os.environ["KURA_SHARED_STORAGE"] = str(lab.shared_dir)
+    procs: list[AgentProcess] = []
+    server: ServerProcess | None = None
+    try:
+        vms = []
+        for i in range(args.vms):
+            node = "node-a" if i % 2 == 0 else "node-b"
+            storage = "local" if i % 4 == 3 else "shared"
+            vms.append(lab.create_vm(f"bench-{i}", node=node, storage=storage, agent=True))
+        print(f"{len(vms)} VMs up on both nodes", flush=True)
+
+        # 1. standalone, one by one
+        solo = Repository.init(str(work / "solo"), passphrase=None, encryption="none")
+        t0 = time.monotonic()
+        solo_bytes = 0
+        for vm in vms:
+            node = lab.node(lab.vm(vm.name).node)
+            with open_connection(node.uri) as hv:
+                r = backup_vm(hv, solo, vm.name, BackupOptions())
+            solo_bytes += r.bytes_read
+        solo_s = time.monotonic() - t0
+
+        # 2. one job through the server and two agents
+        Repository.init(str(work / "job"), passphrase=None, encryption="none")
+        server = ServerProcess(work / "server", work / "job").start()
+        admin = server.token("admin")
+        for n in lab.nodes:
+            procs.append(AgentProcess(server.url, server.token("agent", cluster="lab"), n.name,
+                                      n.uri, work / f"agent-{n.name}").start())
+        c = server.client(admin)
+        deadline = time.monotonic() + 120
+        while sum(len(nd.vms) for cl in c.inventory().clusters for nd in cl.nodes) < len(vms):
+            if time.monotonic() > deadline:
+                raise RuntimeError("agents did not report every VM")
+            time.sleep(0.5)
+        c.create_job(schemas.JobSpec(name="bench", selection=schemas.Selection(all=True),
+                                     max_per_node=4, max_total=8))
+        assert server.proc is not None
+        pids = [server.proc.pid] + [p.proc.pid for p in procs if p.proc is not None]
+        cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+        t0 = time.monotonic()
+        run = c.run_job("bench")
+        while (run := c.run(run.id)).status == "running":
+            time.sleep(0.2)
+        job_s = time.monotonic() - t0
+        cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in pids}
+        job_bytes = sum(int(v.result.get("bytes_read", 0)) for v in run.vms)
+        server_cpu = cpu[server.proc.pid]
+        total_cpu = sum(cpu.values())
+        result = {
+            "vms": len(vms), "run_status": run.status,
+            "standalone": {"seconds": round(solo_s, 2), "bytes": solo_bytes,
+                           "MiB_per_s": round(solo_bytes / solo_s / 2**20, 1)},
+            "job": {"seconds": round(job_s, 2), "bytes": job_bytes,
+                    "MiB_per_s": round(job_bytes / job_s / 2**20, 1)},
+            "server_cpu_s": round(server_cpu, 2), "agents_cpu_s": round(total_cpu - server_cpu, 2),
+            "server_cpu_share": round(server_cpu / total_cpu, 3) if total_cpu else None,
+        }
+        result["job_at_least_as_fast"] = job_bytes / job_s >= solo_bytes / solo_s
+        result["server_cpu_under_20pct"] = bool(total_cpu) and server_cpu / total_cpu < 0.20
+        print(json.dumps(result, indent=2))
+        return 0 if run.status == "succeeded" else 1
+    finally:
+        for p in procs:
+            p.stop()
+        if server is not None:
+            server.stop()
+        if not args.keep:
+            lab.down()
+            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
