@@ -254,6 +254,12 @@ def context_text(results: Results) -> str:
                      f"{cpu['compressed_ratio']:.0%})")
     if versions:
         parts.append("- " + "; ".join(f"{k}: {v}" for k, v in versions.items()))
+    if "kura_tree" in c:
+        parts.append(f"- kura measured from the working tree at {c['kura_tree']}")
+    if "load_start" in c:
+        parts.append(f"- machine load (1-minute load average, 2 cores): {c['load_start']:.1f} "
+                     f"at the start, {c.get('load_end', float('nan')):.1f} at the end: other "
+                     "engineers' tests share the machine")
     if "suite_seconds" in c:
         parts.append(f"- whole run: {c['suite_seconds'] / 60:.1f} min"
                      + (f", finished {c['finished']}" if "finished" in c else ""))

@@ -172,6 +172,8 @@ class Suite:
                     "sample_bytes": self.speeds.sample_bytes},
             "versions": tool_versions(),
             "cold_cache": True,
+            "kura_tree": kura_tree(),
+            "load_start": os.getloadavg()[0],
         })
 
     # -- 1 and 3a ----------------------------------------------------------------------
@@ -501,6 +503,19 @@ class Suite:
             if only is None or key in only:
                 self.guarded(label, fn)
         self.r.context["suite_seconds"] = time.monotonic() - t0
+        self.r.context["load_end"] = os.getloadavg()[0]
+
+
+def kura_tree() -> str:
+    """The commit the measured kura was built from, and whether src/ had local changes."""
+    root = HERE.parent
+    try:
+        head = quiet(["git", "-C", str(root), "rev-parse", "--short", "HEAD"]).strip()
+        dirty = quiet(["git", "-C", str(root), "status", "--porcelain", "--", "src"]).strip()
+    except (BenchError, OSError):
+        return "unknown"
+    return head + (f" + uncommitted changes in {len(dirty.splitlines())} files of src/"
+                   if dirty else "")
 
 
 def tool_versions() -> dict[str, str]:
