@@ -47,6 +47,8 @@ def cpu_seconds(pid: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vms", type=int, default=8)
+    ap.add_argument("--unique-mib", type=int, default=32,
+                    help="random data written into each VM before the backups")
     ap.add_argument("--keep", action="store_true", help="leave the lab and files in place")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kura-server-bench-", dir="/var/tmp"))
@@ -60,7 +62,11 @@ def main() -> int:
             node = "node-a" if i % 2 == 0 else "node-b"
             storage = "local" if i % 4 == 3 else "shared"
             vms.append(lab.create_vm(f"bench-{i}", node=node, storage=storage, agent=True))
-        print(f"{len(vms)} VMs up on both nodes", flush=True)
+        for vm in vms:  # unique data per VM, so that dedup does not hide the data path
+            vm.agent_exec(["dd", "if=/dev/urandom", "of=/data/unique.bin", "bs=1M",
+                           f"count={args.unique_mib}", "conv=fsync"])
+        print(f"{len(vms)} VMs up on both nodes, {args.unique_mib} MiB unique data each",
+              flush=True)
 
         # 1. standalone, one by one
         solo = Repository.init(str(work / "solo"), passphrase=None, encryption="none")
@@ -79,7 +85,8 @@ def main() -> int:
         admin = server.token("admin")
         for n in lab.nodes:
             procs.append(AgentProcess(server.url, server.token("agent", cluster="lab"), n.name,
-                                      n.uri, work / f"agent-{n.name}").start())
+                                      n.uri, work / f"agent-{n.name}", heartbeat=5,
+                                      inventory_interval=15).start())
         c = server.client(admin)
         deadline = time.monotonic() + 120
         while sum(len(nd.vms) for cl in c.inventory().clusters for nd in cl.nodes) < len(vms):

@@ -46,8 +46,10 @@ def enrol(body: schemas.EnrolRequest, who: Enrolling, ctx: Ctx) -> schemas.Enrol
         agent.enrolled = agent.last_seen = utcnow()
         node.uri = body.uri
         s.flush()
-        return schemas.EnrolResponse(agent_id=agent.id, credential=f"kagent_{agent.id}_{secret}",
+        resp = schemas.EnrolResponse(agent_id=agent.id, credential=f"kagent_{agent.id}_{secret}",
                                      cluster=cluster, node=node.name)
+    ctx.auth_cache.clear()  # the node's previous credential stops working now
+    return resp
 
 
 @router.put("/inventory", response_model=schemas.Message)

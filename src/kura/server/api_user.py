@@ -69,6 +69,7 @@ def revoke_token(token_id: Annotated[str, Path(max_length=64)], who: Admin,
         if tok is None:
             raise HTTPException(404, f"no token {token_id}")
         tok.revoked = True
+    ctx.auth_cache.clear()
     return schemas.Message(message=f"token {token_id} revoked")
 
 

@@ -11,7 +11,9 @@ role); the response never contains the credential.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -34,6 +36,36 @@ class ServerContext:
     ca_fingerprint: str
     dead_after: float
     sessions: SessionManager | None = None
+    auth_cache: AuthCache = field(default_factory=lambda: AuthCache())
+
+
+class AuthCache:
+    """Recently verified credentials, so that the data path's many small requests do not
+    each cost a catalog query. Entries live ``ttl`` seconds (so a revocation takes
+    effect within that time everywhere, and at once on this server via :meth:`clear`);
+    keys are SHA-256 digests, never the credentials themselves."""
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, tuple[auth.Principal, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> auth.Principal | None:
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
+
+    def put(self, key: str, who: auth.Principal) -> None:
+        with self._lock:
+            if len(self._entries) > 10_000:
+                self._entries.clear()
+            self._entries[key] = (who, time.monotonic() + self.ttl)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 bearer = HTTPBearer(auto_error=False, description="A kura API token or agent credential")
@@ -53,11 +85,18 @@ def principal(ctx: Ctx,
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
         raise HTTPException(401, "authentication required: send 'Authorization: Bearer TOKEN'",
                             headers={"WWW-Authenticate": "Bearer"})
+    key = auth.hash_secret(creds.credentials)
+    cached = ctx.auth_cache.get(key)
+    if cached is not None:
+        return cached
     try:
         with ctx.catalog.session() as s:
-            return auth.authenticate(s, creds.credentials)
+            who = auth.authenticate(s, creds.credentials)
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
+    if who.kind != "enrol":  # one-time tokens are checked against the catalog every time
+        ctx.auth_cache.put(key, who)
+    return who
 
 
 Who = Annotated[auth.Principal, Depends(principal)]

@@ -157,10 +157,11 @@ class AgentProcess:
     """``kura agent`` for one lab node as a child process."""
 
     def __init__(self, server_url: str, token: str, node: str, uri: str, state_dir: Path,
-                 *, ca: Path | None = None) -> None:
+                 *, ca: Path | None = None, heartbeat: float = 1.0,
+                 inventory_interval: float = 2.0) -> None:
         self.args = ["-v", "agent", "--server", server_url, "--token", token, "--connect", uri,
-                     "--node", node, "--state-dir", str(state_dir), "--heartbeat", "1",
-                     "--inventory-interval", "2"]
+                     "--node", node, "--state-dir", str(state_dir), "--heartbeat",
+                     str(heartbeat), "--inventory-interval", str(inventory_interval)]
         if ca is not None:
             self.args += ["--ca", str(ca)]
         self.state_dir = state_dir
