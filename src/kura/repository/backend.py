@@ -82,7 +82,8 @@ class Backend(Protocol):
 
 def _check_name(name: str) -> None:
     parts = name.split("/")
-    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    if (not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts)
+            or any(ord(c) < 32 for c in name) or len(name) > 1024):
         raise UsageError(f"invalid repository object name {name!r}")
 
 

@@ -87,7 +87,7 @@ def test_no_temporary_files_left(backend: Backend) -> None:
     assert list(backend.list("tmp")) == []
 
 
-@pytest.mark.parametrize("name", ["", "/abs", "a/../b", "a//b", "."])
+@pytest.mark.parametrize("name", ["", "/abs", "a/../b", "a//b", ".", "nul\x00byte", "x" * 2000])
 def test_invalid_names(backend: Backend, name: str) -> None:
     with pytest.raises(UsageError):
         backend.read(name)
