@@ -142,6 +142,16 @@ def test_inventory_schedule_and_migrations(site: Site, lab_vm: Callable[..., Lab
     m = _vm(second, moving.name)
     assert m.node == "node-b" and m.result["kind"] == "incremental", m
 
+    # The pre-flight run: a verdict per VM, nothing backed up.
+    before = len(site.repo().list_snapshots())
+    test = _finished(c, c.run_job("again", test=True).id)
+    assert test.status == "succeeded", _log(c, test.id)
+    checks = {v.vm_name: {ch["check"]: ch for ch in v.result["checks"]} for v in test.vms}
+    assert checks[moving.name]["guest agent"]["ok"] is True
+    assert "incremental" in checks[moving.name]["checkpoints"]["detail"]
+    assert checks[local.name]["repository room"]["ok"] is True
+    assert len(site.repo().list_snapshots()) == before
+
     # A migration during a run: the run still ends with a good restore point for it.
     run = c.run_job("again")
     mover = _when_running(c, run.id, other.name, "data",

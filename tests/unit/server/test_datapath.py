@@ -122,6 +122,13 @@ def test_incremental_uploads_only_new_chunks_and_restores(
             assert len(uploads) == 9  # one changed chunk sent
             snaps = c.snapshots(vm.uuid)
             assert [s.sequence for s in snaps] == [0, 1]
+            # Restore through the server: it picks the node that runs the VM.
+            run = c.restore(schemas.RestoreRequest(ref=snaps[-1].id))
+            assert run.kind == "restore" and run.vms[0].vm_uuid == vm.uuid
+            wait_for(lambda: c.run(run.id).status != "running", 30, "restore")
+            done = c.run(run.id)
+            assert done.status == "succeeded" and done.vms[0].node == "node-a"
+            assert done.vms[0].result["data"]["snapshot"] == snaps[-1].id
         latest = repo.get_snapshot(snaps[-1].id)
         reader = repo.open_disk(latest, "vda")
         assert reader.pread(0, len(disks["web1"])) == bytes(disks["web1"])
