@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kura.errors import IntegrityError, SnapshotNotFound, UsageError
-from kura.repository import Repository, SourceRef, StoreSink
-from kura.repository.testing import TEST_CHUNK, make_repo, write_disk
+from kura.errors import IntegrityError, SnapshotNotFound, StorageFull, UsageError
+from kura.repository import LocalBackend, Repository, SourceRef, StoreSink
+from kura.repository.testing import TEST_CHUNK, FaultyBackend, make_repo, write_disk
 
 CS = TEST_CHUNK
 SRC = SourceRef("image", "img", "img")
@@ -118,3 +118,25 @@ def test_worker_error_surfaces(tmp_path: Path) -> None:
         with pytest.raises(IntegrityError):
             w.commit()
     assert repo.list_snapshots() == []
+
+
+@pytest.mark.parametrize("fail_on", ["chunks/", "indexes/", "snapshots/"])
+def test_storage_full_at_any_step_leaves_no_restore_point(tmp_path: Path, fail_on: str) -> None:
+    repo = make_repo(tmp_path / "r")
+    first = write_disk(repo, "img", os.urandom(2 * CS))
+    armed = {"on": False}
+
+    def hook(name: str) -> None:
+        if armed["on"] and name.startswith(fail_on):
+            raise StorageFull(f"no space left while writing {name}")
+
+    faulty = Repository.open(FaultyBackend(LocalBackend(tmp_path / "r"), before_write=hook),
+                             passphrase=b"correct horse battery staple")
+    armed["on"] = True
+    with pytest.raises(StorageFull, match=fail_on):
+        write_disk(faulty, "img", os.urandom(3 * CS), parent=first)
+    assert [m.id for m in repo.list_snapshots()] == [first.id]
+    assert repo.verify().ok
+    assert list((tmp_path / "r" / "locks").iterdir()) == []
+    armed["on"] = False
+    write_disk(faulty, "img", os.urandom(CS))  # works again once there is space
