@@ -210,6 +210,8 @@ class PointInTimeView:
                         raise HypervisorError(f"cannot end the backup job: {exc}") from exc
                     time.sleep(0.2)
         shutil.rmtree(self.directory, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the VM's directory, once no job uses it
+            self.directory.parent.rmdir()
 
 
 def _translate(exc: libvirt.libvirtError, dom: Any) -> Exception:
