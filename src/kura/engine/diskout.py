@@ -6,7 +6,10 @@ place.
 
 qcow2 images are created empty and thin (``qemu-img create``), served
 writable by a private ``qemu-nbd`` started through libnbd's systemd socket
-activation (no socket file, no port), and filled with asynchronous NBD
+activation (no socket file, no port) with ``--cache=unsafe`` (the image
+is a temporary file until it is complete, so QEMU's metadata-ordering flushes
+buy nothing; one ``fsync`` after qemu-nbd exits makes it durable before it is
+renamed into place), and filled with asynchronous NBD
 writes, several in flight on a writer thread while chunks are decrypted and
 verified on the repository's reader threads, skipping zero chunks so that unallocated clusters
 stay unallocated. The result is flushed before qemu-nbd exits, and written
@@ -51,10 +54,20 @@ def write_disk(repo: Repository, manifest: Manifest, disk: str, output: Path, fm
         create_image(str(tmp), "qcow2", entry.size)
         _fill_qcow2(repo, manifest, disk, tmp, workers=workers, inflight=inflight,
                     progress=progress)
+        _fsync(tmp)  # qemu-nbd has exited: make the image durable, then publish it
         os.rename(tmp, output)
+        _fsync(output.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return entry.size
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fill_qcow2(repo: Repository, manifest: Manifest, disk: str, path: Path, *, workers: int,
@@ -65,7 +78,7 @@ def _fill_qcow2(repo: Repository, manifest: Manifest, disk: str, path: Path, *, 
     h = nbd.NBD()
     try:
         h.connect_systemd_socket_activation(
-            ["qemu-nbd", "-f", "qcow2", "--cache=writeback", "--aio=threads",
+            ["qemu-nbd", "-f", "qcow2", "--cache=unsafe", "--aio=threads",
              "--discard=unmap", str(path)])
     except nbd.Error as exc:
         raise HypervisorError(f"cannot open {path} for writing with qemu-nbd: {exc}") from exc
@@ -94,7 +107,6 @@ def _fill_qcow2(repo: Repository, manifest: Manifest, disk: str, path: Path, *, 
                 reap(inflight - 1)
                 pending.append((h.aio_pwrite(item[1], item[0]), len(item[1])))
             reap(0)
-            h.flush()
         except BaseException as exc:  # reported to the reading thread
             failure.append(exc)
             while handoff.get() is not None:  # unblock the producer
