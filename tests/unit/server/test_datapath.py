@@ -185,3 +185,37 @@ def test_a_backup_that_dies_before_commit_leaves_nothing_and_the_next_succeeds(
             assert len(repo.list_snapshots(vm.uuid)) == 1
     finally:
         agent.kill()
+
+
+def test_an_agent_cannot_open_a_session_for_a_vm_of_another_cluster(
+        setup: tuple[RunningServer, Repository, FakeCluster]) -> None:
+    from kura.catalog import Run, RunVm, Task, Vm
+    from kura.server.sessions import Refused
+
+    srv, _, fc = setup
+    vm = fc.add("web1", "node-a")
+    mine, _ = _agent(srv, fc, "node-a", {})
+    creds = enrol(srv.url, srv.token("agent", cluster="elsewhere"), node="node-x")
+    try:
+        with srv.client() as c:
+            wait_for(lambda: c.inventory().clusters, what="inventory")
+        mgr = srv.ctx.sessions
+        assert mgr is not None
+        with srv.ctx.catalog.session() as s:
+            assert s.get(Vm, vm.uuid) is not None
+            run = Run(job_name="forged", spec={})
+            s.add(run)
+            s.flush()
+            rv = RunVm(run_id=run.id, vm_uuid=vm.uuid, vm_name=vm.name)
+            s.add(rv)
+            s.flush()
+            task = Task(agent_id=creds.agent_id, run_vm_id=rv.id, kind="backup", state="sent")
+            s.add(task)
+            s.flush()
+            task_id = task.id
+        with pytest.raises(Refused, match="not in this agent's cluster"):
+            mgr.begin(creds.agent_id, task_id)
+        with pytest.raises(Refused, match="is not this agent's"):
+            mgr.begin(creds.agent_id, task_id + 1000)
+    finally:
+        mine.kill()
