@@ -184,3 +184,34 @@ def test_server_restart_fails_the_running_run_and_the_schedule_retries(
     finally:
         agent.kill()
         srv.stop()
+
+
+def test_concurrency_limits_per_node_and_total(
+        server: RunningServer, fake_cluster: FakeCluster,
+        start_agent: Callable[[str], AgentThread]) -> None:
+    for i in range(3):
+        fake_cluster.add(f"a{i}", "node-a")
+        fake_cluster.add(f"b{i}", "node-b")
+    fake_cluster.phase_seconds = 0.05
+    active: dict[str, int] = {}
+    peak = {"node-a": 0, "node-b": 0, "total": 0}
+    lock = threading.Lock()
+
+    def track(node: str, vm: FakeVm, phase: str) -> None:
+        with lock:
+            if phase == "accepted":
+                active[vm.name] = 1
+            elif phase == "finish":
+                active.pop(vm.name, None)
+            per = sum(1 for n in active if fake_cluster.vm(n).node == node)
+            peak[node] = max(peak[node], per)
+            peak["total"] = max(peak["total"], len(active))
+    fake_cluster.on_phase = track
+    start_agent("node-a")
+    start_agent("node-b")
+    with server.client() as c:
+        _ready(c, 6)
+        c.create_job(schemas.JobSpec(name="j", selection=schemas.Selection(all=True),
+                                     max_per_node=1, max_total=2))
+        assert _run(c, "j").status == "succeeded"
+    assert peak["node-a"] == 1 and peak["node-b"] == 1 and peak["total"] <= 2
