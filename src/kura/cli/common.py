@@ -22,6 +22,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
+
+from kura.errors import UsageError
 
 DEFAULT_REPO = "/var/lib/kura/repo"
 
@@ -71,12 +74,9 @@ def read_passphrase(st: CliState, *, confirm: bool = False) -> bytes:
         try:
             return st.passphrase_file.read_text().rstrip("\n").encode()
         except OSError as exc:
-            from kura.errors import UsageError
-
-            raise UsageError(f"cannot read passphrase file {st.passphrase_file}: {exc.strerror}")
+            raise UsageError(
+                f"cannot read passphrase file {st.passphrase_file}: {exc.strerror}") from exc
     if not sys.stdin.isatty():
-        from kura.errors import UsageError
-
         raise UsageError(
             "the repository passphrase is needed",
             hint="set KURA_PASSPHRASE or pass --passphrase-file",
@@ -84,6 +84,12 @@ def read_passphrase(st: CliState, *, confirm: bool = False) -> bytes:
     value: str = click.prompt("Repository passphrase", hide_input=True,
                               confirmation_prompt=confirm, err=True)
     return value.encode()
+
+
+def print_error(message: str) -> None:
+    """One line on stderr, never wrapped or interpreted as markup."""
+    err_console.print(Text.assemble(("kura: error: ", "red"), message), soft_wrap=True,
+                      highlight=False)
 
 
 def emit_json(data: Any) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from kura import __version__
-from kura.cli.common import CliState, err_console
+from kura.cli.common import CliState, err_console, print_error
 from kura.errors import Interrupted, KuraError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -73,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except KuraError as exc:
-        err_console.print(f"[red]kura: error:[/red] {exc}", highlight=False, markup=True)
+        print_error(str(exc))
         return exc.exit_code
     except OSError as exc:
         # Anything the library did not translate: still one line, never a traceback.
-        err_console.print(f"[red]kura: error:[/red] {exc}", highlight=False)
+        print_error(str(exc))
         return 1
     return 0
 
