@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench/run", description="kura side by side with "
                                  "virtnbdbackup, borg and restic on the same lab VMs.")
     ap.add_argument("--quick", action="store_true",
-                    help="quarter-size data, 3 clones, small scaling disks (~2-3 min)")
+                    help="quarter-size data, 4 job VMs, 3 clones, small scaling disks (~5 min)")
     ap.add_argument("--only", metavar="LIST",
                     help="comma-separated scenarios to run: 1 (with 3 and issue 2), 2, 4, 5, 6")
     ap.add_argument("--repeat", type=int, help="rounds of scenario 1's backups (spread)")
