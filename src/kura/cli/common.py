@@ -97,11 +97,17 @@ def emit_json(data: Any) -> None:
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    cells = [["" if v is None else str(v) for v in r] for r in rows]
     t = Table(title=title, show_lines=False, header_style="bold")
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*("" if v is None else str(v) for v in r))
+    for i, c in enumerate(columns):
+        # Identifiers (cells without spaces: ids, names, paths) must never be
+        # cut short with an ellipsis, since admins copy them into commands;
+        # only free text may wrap when the table is too wide.
+        tokens = [row[i] for row in cells if i < len(row) and row[i] and " " not in row[i]]
+        widest = min(max((len(v) for v in tokens), default=0), 40)
+        t.add_column(c, min_width=widest or None, overflow="fold")
+    for r in cells:
+        t.add_row(*r)
     console.print(t)
 
 
