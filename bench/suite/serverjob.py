@@ -11,8 +11,9 @@ concurrency: 2 per node, 4 in all) is started through the API and timed from
 the request until the run is no longer ``running``.
 
 The comparison is the same VMs backed up **one by one** with the standalone
-CLI (``kura backup VM --full``, one child process after the other, into an
-encrypted repository of their own): the sum of their times.
+CLI: ``kura backup VM... --full`` for node-a's VMs, then for node-b's (each
+command backs its VMs up in turn), into an encrypted repository of their own:
+the sum of the two commands' times.
 
 CPU: the server's and the agents' CPU time (user + system, from
 ``/proc/<pid>/stat``) is sampled before and after the job; the server's
