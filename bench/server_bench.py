@@ -25,6 +25,8 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +51,8 @@ def main() -> int:
     ap.add_argument("--vms", type=int, default=8)
     ap.add_argument("--unique-mib", type=int, default=32,
                     help="random data written into each VM before the backups")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="write py-spy samples of the server during the job to FILE")
     ap.add_argument("--keep", action="store_true", help="leave the lab and files in place")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kura-server-bench-", dir="/var/tmp"))
@@ -98,12 +102,21 @@ def main() -> int:
         assert server.proc is not None
         pids = [server.proc.pid] + [p.proc.pid for p in procs if p.proc is not None]
         cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+        spy = None
+        if args.profile:  # sample the server's stacks during the job (needs py-spy)
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(server.proc.pid),
+                                    "--format", "raw", "-o", args.profile, "--duration", "60",
+                                    "--nonblocking", "--threads"])
+            time.sleep(1)
         t0 = time.monotonic()
         run = c.run_job("bench")
         while (run := c.run(run.id)).status == "running":
             time.sleep(0.2)
         job_s = time.monotonic() - t0
         cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in pids}
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         job_bytes = sum(int(v.result.get("bytes_read", 0)) for v in run.vms)
         server_cpu = cpu[server.proc.pid]
         total_cpu = sum(cpu.values())
