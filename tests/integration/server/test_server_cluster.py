@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from kura.agent.testing import wait_for
@@ -234,3 +236,33 @@ def test_agent_killed_server_killed_and_network_cut(site: Site,
     final = _finished(c, c.run_job("j").id)
     assert final.status == "succeeded", _log(c, final.id)
     assert vm.agent_exec(["true"]) is not None  # guest answers: not left frozen
+
+
+def test_restore_through_the_server_on_a_chosen_node(site: Site,
+                                                     lab_vm: Callable[..., LabVM]) -> None:
+    vm = lab_vm("srv-restore-src", node="node-a", storage="shared")
+    c = site.client()
+    _wait_placed(c, {vm.name: "node-a"})
+    c.create_job(schemas.JobSpec(name="one", selection=schemas.Selection(names=[vm.name])))
+    backed = _finished(c, c.run_job("one").id)
+    assert backed.status == "succeeded", _log(c, backed.id)
+    point = backed.vms[0].result["snapshot"]
+    target = site.lab.node("node-b").local_dir
+    run = c.restore(schemas.RestoreRequest(ref=point, node="node-b", new_name="srv-restored",
+                                           target_dir=str(target)))
+    done = _finished(c, run.id)
+    conn = site.lab.node("node-b").connect()
+    try:
+        assert done.status == "succeeded", _log(c, done.id)
+        assert done.vms[0].node == "node-b"
+        dom = conn.lookupByName("srv-restored")
+        assert dom.UUIDString() != vm.uuid  # restored as a new VM
+        disks = done.vms[0].result["data"]["disks"]
+        assert all(Path(p).parent == target and Path(p).exists() for p in disks.values())
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName("srv-restored").undefineFlags(
+                libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        for f in target.glob("srv-restored*"):
+            f.unlink()
+        conn.close()
