@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from kura.cli.common import console, emit_json, err_console, state, table
-from kura.errors import LabError
+from kura.errors import LabError, UsageError
 from kura.lab import DiskSpec, Lab, host
 from kura.lab.lab import default_root
 from kura.lab.verify import verify_image
@@ -32,6 +32,12 @@ def _existing(ctx: click.Context) -> Lab:
     if lab is None:
         raise LabError(f"there is no lab at {root}", hint="run `kura lab up` first")
     return lab
+
+
+# Commands that pass on an exit status raise SystemExit, not click's Exit:
+# ``kura.cli.main.main`` runs click with standalone_mode=False, in which click
+# turns an Exit into a return value that main() does not use (so the process
+# would exit 0).
 
 
 def _progress_printer(quiet: bool) -> Any:
@@ -161,15 +167,16 @@ def _disk_spec(text: str) -> DiskSpec:
 @click.option("--uefi", is_flag=True, help="Boot through OVMF with a per-VM NVRAM.")
 @click.option("--no-agent", is_flag=True, help="Without qemu-guest-agent.")
 @click.option("--workload", is_flag=True, help="Run the file-writing workload from boot.")
+@click.option("--tpm", is_flag=True, help="With an emulated TPM 2.0 (swtpm).")
 @_json_flag
 @click.pass_context
 def create_cmd(ctx: click.Context, vm: str, node: str, storage: str, disks: tuple[str, ...],
-               uefi: bool, no_agent: bool, workload: bool) -> None:
+               uefi: bool, no_agent: bool, workload: bool, tpm: bool) -> None:
     """Create and start a lab VM."""
     lab = _existing(ctx)
     specs = tuple(_disk_spec(d) for d in disks) or (DiskSpec(),)
     made = lab.create_vm(vm, node=node, storage=storage, disks=specs, agent=not no_agent,
-                         workload=workload, uefi=uefi)
+                         workload=workload, uefi=uefi, tpm=tpm)
     if state(ctx).json:
         emit_json({"name": made.name, "uuid": made.uuid, "node": made.node,
                    "disks": [str(p) for p in made.disk_paths]})
@@ -204,7 +211,42 @@ def exec_cmd(ctx: click.Context, vm: str, command: tuple[str, ...], timeout: flo
     click.echo(out, nl=False)
     click.echo(err, nl=False, err=True)
     if code != 0:
-        raise click.exceptions.Exit(code)
+        raise SystemExit(code)
+
+
+@lab_group.command("node-exec", context_settings={"ignore_unknown_options": True,
+                                                  "allow_interspersed_args": False})
+@click.argument("node")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--cwd", metavar="DIR", help="Working directory as the node sees it (default /).")
+@_json_flag
+@click.pass_context
+def node_exec_cmd(ctx: click.Context, node: str, command: tuple[str, ...],
+                  cwd: str | None) -> None:
+    """Run COMMAND on lab NODE, as an agent there would (kura lab node-exec NODE -- CMD ARGS).
+
+    Options of node-exec go before NODE; everything after NODE is the command.
+
+    The command runs in the node's mount and UTS namespaces: it sees the node's
+    /var/lib/libvirt, /etc/libvirt and /run/libvirt, its hostname, and its
+    libvirtd at qemu:///system; everything else (the lab root, /var/tmp, this
+    kura, the environment) is as on the host. E.g.
+    `kura lab node-exec node-a -- kura backup VM`.
+    """
+    if command[:1] == ("--",):  # click keeps a "--" that follows NODE
+        command = command[1:]
+    if not command:
+        raise UsageError("no command given", hint="kura lab node-exec NODE -- CMD ARGS")
+    lab = _existing(ctx)
+    if state(ctx).json:
+        proc = lab.node_run(node, list(command), cwd=cwd, capture_output=True, text=True,
+                            check=False)
+        emit_json({"node": node, "exit_code": proc.returncode, "stdout": proc.stdout,
+                   "stderr": proc.stderr})
+    else:
+        proc = lab.node_run(node, list(command), cwd=cwd, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(proc.returncode)
 
 
 @lab_group.command("verify")
@@ -230,7 +272,7 @@ def verify_cmd(ctx: click.Context, image: Path, fmt: str, boot: bool) -> None:
         for e in verdict.errors:
             console.print(f"  - {e}", highlight=False)
     if not verdict.ok:
-        raise click.exceptions.Exit(1)
+        raise SystemExit(1)
 
 
 @lab_group.command("down")

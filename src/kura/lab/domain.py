@@ -11,7 +11,9 @@ guest really boots under KVM; otherwise ``type='qemu'`` (TCG).
 
 UEFI VMs add OVMF as pflash with a per-VM NVRAM file (copied from Debian's
 vars template) in the VM's directory; OVMF then boots the same kernel through
-fw_cfg. The kernel command line carries ``kura.agent=0|1`` and
+fw_cfg. A VM with ``tpm`` gets an emulated TPM 2.0 (``tpm-crb``, swtpm
+started by the node's libvirtd, state in the node's
+``/var/lib/libvirt/swtpm/<uuid>/``). The kernel command line carries ``kura.agent=0|1`` and
 ``kura.workload=0|1`` and ``kura.data=0|1`` (0: do not format or mount vda,
 for verifier guests) for the guest's start-up script.
 """
@@ -66,6 +68,7 @@ class DomainSpec:
     console_log: Path | None = None
     storage: str = "shared"
     data: bool = True
+    tpm: bool = False
 
 
 def parse_size(size: str) -> int:
@@ -140,6 +143,9 @@ def domain_xml(spec: DomainSpec) -> str:
         ET.SubElement(d, "source", file=str(disk.path))
         ET.SubElement(d, "target", dev=disk.target, bus="virtio")
     ET.SubElement(dev, "controller", type="usb", model="none")
+    if spec.tpm:
+        tpm = ET.SubElement(dev, "tpm", model="tpm-crb")
+        ET.SubElement(tpm, "backend", type="emulator", version="2.0")
     if spec.agent:
         ch = ET.SubElement(dev, "channel", type="unix")
         ET.SubElement(ch, "target", type="virtio", name=AGENT_CHANNEL)

@@ -46,6 +46,9 @@ PACKAGES: dict[str, str] = {
     "cpio": "/usr/bin/cpio",
     "ovmf": "/usr/share/OVMF/OVMF_CODE_4M.fd",
     "util-linux": "/usr/bin/unshare",
+    # Emulated TPMs (create_vm(tpm=True)): libvirt runs swtpm_setup, then swtpm.
+    "swtpm": "/usr/bin/swtpm",
+    "swtpm-tools": "/usr/bin/swtpm_setup",
 }
 
 
@@ -123,6 +126,15 @@ def pids_with_token(token: str) -> list[int]:
     """All processes that see ``token`` (i.e. run inside that node's namespace)."""
     me = os.getpid()
     return [pid for pid in all_pids() if pid != me and process_token(pid) == token]
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, field 22 of /proc/PID/stat), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _alive(pid: int) -> bool:

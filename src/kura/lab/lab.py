@@ -35,6 +35,7 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 import tempfile
 import time
 import uuid as uuidlib
@@ -179,6 +180,22 @@ class Lab:
         raise LabError(f"the lab has no node {name!r}",
                        hint="nodes are " + ", ".join(n.name for n in self.nodes) if self.nodes
                        else "run `kura lab up` first")
+
+    def node_argv(self, node: str) -> list[str]:
+        """The prefix that runs a command on ``node`` (see :meth:`LabNode.exec_argv`):
+        ``[*lab.node_argv("node-a"), "kura", "backup", ...]``."""
+        return self.node(node).exec_argv()
+
+    def node_run(self, node: str, argv: Sequence[str | os.PathLike[str]],
+                 **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """Run ``argv`` on ``node`` (its mount and UTS namespaces) and wait for it.
+
+        What the command sees is what a kura agent on that node sees: the node's
+        ``/var/lib/libvirt`` (and the other bind mounts), its hostname, and its
+        libvirtd at ``qemu:///system``. Keywords go to :meth:`LabNode.run`
+        (``cwd`` on the node) and :func:`subprocess.run`.
+        """
+        return self.node(node).run(argv, **kwargs)
 
     def connect(self, node: LabNode | str) -> libvirt.virConnect:
         """A (cached) libvirt connection to a node."""
@@ -360,7 +377,7 @@ class Lab:
             disks=tuple(DiskFile(Path(d.path), d.fmt, d.target) for d in rec.disks),
             memory_mib=rec.memory_mib, agent=rec.agent, workload=rec.workload,
             nvram=Path(rec.nvram) if rec.nvram else None,
-            console_log=console_path(rec), storage=rec.storage))
+            console_log=console_path(rec), storage=rec.storage, tpm=rec.tpm))
 
     def _check_new_name(self, name: str) -> None:
         if not _NAME.match(name):
@@ -372,13 +389,20 @@ class Lab:
     def create_vm(self, name: str, *, node: str = "node-a", storage: str = "shared",
                   disks: Sequence[DiskSpec] = (DiskSpec(size="256M"),), agent: bool = True,
                   workload: bool = False, uefi: bool = False, memory_mib: int = 128,
-                  start: bool = True, wait: bool = True, role: str = "test") -> LabVM:
+                  start: bool = True, wait: bool = True, role: str = "test",
+                  tpm: bool = False) -> LabVM:
         """Create disks for a new VM, define it on ``node`` and (by default) start it.
 
         With ``start`` and ``wait`` (and an agent) this returns once the guest agent
         answers. ``workload`` starts the writer loop at boot (kernel command line).
         UEFI guests get at least 256 MiB (OVMF plus the initramfs do not fit in 128).
+        ``tpm`` adds an emulated TPM 2.0: the node's libvirtd creates its state
+        (``/var/lib/libvirt/swtpm/<uuid>/`` on the node, see
+        :meth:`LabNode.host_path`) when the VM first starts.
         """
+        if tpm and shutil.which("swtpm") is None:
+            raise LabError("a lab VM with a TPM needs swtpm",
+                           hint="apt-get install swtpm swtpm-tools")
         if memory_mib < 96:
             raise LabError("lab guests need at least 96 MiB of memory")
         if uefi:
@@ -412,7 +436,7 @@ class Lab:
         rec = VMRecord(name=name, uuid=str(uuidlib.uuid4()), storage=storage, home=node,
                        disks=records, agent=agent, workload=workload, uefi=uefi,
                        memory_mib=memory_mib, nvram=str(nvram) if nvram else None, role=role,
-                       directory=str(vm_dir))
+                       directory=str(vm_dir), tpm=tpm)
         return self._define(rec, target_node, start=start, wait=wait)
 
     def define_vm_from_disks(self, name: str, *, node: str = "node-a",

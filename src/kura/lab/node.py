@@ -13,6 +13,8 @@ directories over libvirt's fixed paths and then execs ``libvirtd --listen``::
     <root>/nodes/<name>/log     -> /var/log/libvirt libvirtd.log, qemu/<vm>.log
     <root>/nodes/<name>/cache   -> /var/cache/libvirt
     <root>/nodes/<name>/hosts   -> /etc/hosts       node names -> lab addresses
+    <root>/nodes/<name>/log/swtpm -> /var/log/swtpm swtpm logs of TPM VMs (only when the
+                                                   host has swtpm: the directory exists)
     <root>/nodes/<name>/local   (not mounted)       the node's local storage
 
 The host's own ``/etc/libvirt``, ``/run/libvirt`` and any system libvirtd are
@@ -22,15 +24,36 @@ the node's loopback address only (``qemu+tcp://ADDR/system``); QEMU's
 migration traffic uses the same address. The node's processes (tini, libvirtd,
 every QEMU) are found through the node token (see :mod:`kura.lab.host`) and
 killed by PID.
+
+Running a command *on* a node: a kura agent on a real node sees that node's
+``/var/lib/libvirt`` (checkpoint metadata, swtpm state), its hostname and its
+``qemu:///system`` unix socket. :meth:`LabNode.exec_argv` gives the same view to
+any command started on this machine: it prefixes it with ``nsenter --target
+PID --mount --uts --``, where PID is the node's *anchor*, the oldest process
+carrying the node's token (``tini``, which lives exactly as long as the node).
+The command then runs in the node's mount namespace (every bind mount above,
+the rest of the file system shared with the host: ``/var/tmp``, the lab root,
+the kura installation) and in its UTS namespace (``hostname`` = the node
+name). It keeps the host's network (libvirtd listens on loopback anyway), PID
+namespace, user and environment. ``nsenter`` starts the command in ``/``;
+:meth:`LabNode.run` changes to ``cwd`` *inside* the node (``env --chdir``), so
+a relative or bind-mounted directory resolves as the node sees it. The anchor
+is looked up right before each command (a node that is down is a
+:class:`LabError`, never a command silently run on the host); what is left is
+the moment between that lookup and nsenter opening ``/proc/PID/ns/*``, and the
+anchor only goes away when the node itself stops.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import libvirt
 
@@ -39,6 +62,8 @@ from kura.lab import host
 
 MOUNTS = (("etc", "/etc/libvirt"), ("run", "/run/libvirt"), ("lib", "/var/lib/libvirt"),
           ("log", "/var/log/libvirt"), ("cache", "/var/cache/libvirt"))
+NSENTER = "/usr/bin/nsenter"
+SWTPM_LOG = "/var/log/swtpm"
 
 
 def _quiet_libvirt(_ctx: object, _err: object) -> None:
@@ -81,6 +106,70 @@ class LabNode:
 
     def pids(self) -> list[int]:
         return host.pids_with_token(self.token)
+
+    def host_path(self, path: str | Path) -> Path:
+        """Where a path as seen on the node lives as seen from the host.
+
+        ``/var/lib/libvirt/swtpm/U`` on node-a is ``<node dir>/lib/swtpm/U`` on
+        the host; paths outside the node's bind mounts are the same on both.
+        """
+        p = PurePosixPath(path)
+        if not p.is_absolute():
+            raise LabError(f"{path} is not an absolute path")
+        for sub, target in (*MOUNTS, ("hosts", "/etc/hosts"), ("log/swtpm", SWTPM_LOG)):
+            if p == PurePosixPath(target) or PurePosixPath(target) in p.parents:
+                return self.directory / sub / p.relative_to(target)
+        return Path(p)
+
+    def anchor_pid(self) -> int:
+        """The PID whose mount and UTS namespaces are the node's.
+
+        That is the oldest process that sees the node's token (the node's
+        ``tini``): found by token, never by name, and checked again after its
+        start time is read so that a PID reused meanwhile is not taken.
+        """
+        best: tuple[int, int] | None = None
+        for pid in self.pids():
+            started = host.start_time(pid)
+            if started is None or host.process_token(pid) != self.token:
+                continue
+            if best is None or (started, pid) < best:
+                best = (started, pid)
+        if best is None:
+            raise LabError(f"lab node {self.name} is not running (no process carries its "
+                           "token)", hint="run `kura lab up` to (re)start the lab")
+        return best[1]
+
+    def exec_argv(self) -> list[str]:
+        """The prefix that runs a command on this node: ``nsenter --target PID
+        --mount --uts --`` (see the module docstring). The PID is looked up now:
+        use the prefix right away, not after the node may have been restarted."""
+        if not os.path.exists(NSENTER):
+            raise LabError(f"{NSENTER} is missing", hint="apt-get install util-linux")
+        return [NSENTER, "--target", str(self.anchor_pid()), "--mount", "--uts", "--"]
+
+    def run(self, argv: Sequence[str | os.PathLike[str]], *, cwd: str | Path | None = None,
+            **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """Run ``argv`` on this node, as a kura agent on it would run it.
+
+        ``cwd`` is a directory as the node sees it (default ``/``); every other
+        keyword goes to :func:`subprocess.run` (``env``, ``check``,
+        ``capture_output``, ``text``, ``timeout``, ``input``...). A missing
+        command is a :class:`LabError`; its exit status is the caller's business
+        unless ``check=True``.
+        """
+        if not argv:
+            raise LabError("no command given to run on lab node " + self.name)
+        prefix = self.exec_argv()
+        if cwd is not None:
+            prefix += ["/usr/bin/env", f"--chdir={cwd}"]
+        args = [*prefix, *(os.fspath(a) for a in argv)]
+        proc: subprocess.CompletedProcess[Any] = subprocess.run(args, **kwargs)
+        # nsenter (or env) exits 127 when it cannot find the command.
+        if proc.returncode == 127 and shutil.which(os.fspath(argv[0])) is None:
+            raise LabError(f"cannot run {os.fspath(argv[0])!r} on lab node {self.name}: "
+                           "command not found")
+        return proc
 
     def is_up(self) -> bool:
         """True if the node's libvirtd answers."""
@@ -141,6 +230,9 @@ def _node_script(node: LabNode) -> str:
         cmds.append(f"mkdir -p {target}")
         cmds.append(f"mount --bind '{d / sub}' {target}")
     cmds.append(f"mount --bind '{d / 'hosts'}' /etc/hosts")
+    # libvirt logs swtpm to a fixed /var/log/swtpm/libvirt/qemu: keep that per node too.
+    cmds.append(f"if [ -d {SWTPM_LOG} ]; then mount --bind '{d / 'log' / 'swtpm'}' "
+                f"{SWTPM_LOG}; fi")
     cmds.append(f"hostname {node.name}")
     cmds.append("exec /usr/sbin/libvirtd --listen -f /etc/libvirt/libvirtd.conf "
                 "--pid-file /run/libvirt/libvirtd.pid")
@@ -154,6 +246,8 @@ def prepare(node: LabNode, all_nodes: list[LabNode]) -> None:
     for sub, _ in MOUNTS:
         (d / sub).mkdir(parents=True, exist_ok=True)
     (d / "etc" / "qemu").mkdir(exist_ok=True)
+    (d / "log" / "swtpm").mkdir(exist_ok=True)
+    (d / "log" / "swtpm").chmod(0o711)
     node.local_dir.mkdir(exist_ok=True)
     node.local_dir.chmod(0o777)
     (d / "etc" / host.TOKEN_FILE).write_text(node.token + "\n")

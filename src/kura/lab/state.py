@@ -84,6 +84,7 @@ class VMRecord:
     nvram: str | None = None
     role: str = "test"
     directory: str | None = None
+    tpm: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VMRecord:

@@ -13,8 +13,9 @@ Fixtures:
 
 ``lab_vm`` (function)
     A factory: ``lab_vm(name=None, node="node-a", storage="shared",
-    disks=(DiskSpec(),), agent=True, workload=False, uefi=False)`` returns a
-    started :class:`~kura.lab.LabVM` (its agent answering, if it has one);
+    disks=(DiskSpec(),), agent=True, workload=False, uefi=False, tpm=False)``
+    returns a started :class:`~kura.lab.LabVM` (its agent answering, if it has
+    one; ``tpm`` adds an emulated TPM 2.0 whose swtpm state the node keeps);
     ``lab_vm.from_disks(name, disks=[...], node=...)`` defines one on existing
     images. Every VM made through it is destroyed and undefined (and its lab
     directory removed) when the test ends.
@@ -169,12 +170,12 @@ class VMFactory:
     def __call__(self, name: str | None = None, *, node: str = "node-a",
                  storage: str = "shared", disks: Sequence[DiskSpec] = (DiskSpec(),),
                  agent: bool = True, workload: bool = False, uefi: bool = False,
-                 memory_mib: int = 128, start: bool = True) -> LabVM:
+                 memory_mib: int = 128, start: bool = True, tpm: bool = False) -> LabVM:
         vm_name = self._name(name)
         self.created.append(vm_name)
         return self.lab.create_vm(vm_name, node=node, storage=storage, disks=disks,
                                   agent=agent, workload=workload, uefi=uefi,
-                                  memory_mib=memory_mib, start=start)
+                                  memory_mib=memory_mib, start=start, tpm=tpm)
 
     def from_disks(self, name: str | None = None, *, disks: Sequence[Path | tuple[Path, str]],
                    node: str = "node-a", agent: bool = True, workload: bool = False,

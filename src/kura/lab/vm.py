@@ -316,10 +316,12 @@ class LabVM:
                                    f"{exc.get_error_message()}") from exc
 
     def undefine(self) -> None:
-        """Remove the domain definition from every node (disks are kept)."""
+        """Remove the domain definition from every node (disks and NVRAM are kept; an
+        emulated TPM's state, which lives in the node's libvirt directory, is removed)."""
         flags = (libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                 | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
+                 | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
+                 | libvirt.VIR_DOMAIN_UNDEFINE_TPM)
         for node in self._nodes:
             try:
                 dom = self._connect(node).lookupByUUIDString(self.uuid)

@@ -109,3 +109,12 @@ def test_moved_rewrites_only_paths_below_the_old_directory() -> None:
     assert m.rewrite("/lab/nodes/node-a/local/vm10/vda.qcow2") == \
         "/lab/nodes/node-a/local/vm10/vda.qcow2"
     assert m.rewrite("/elsewhere/disk.raw") == "/elsewhere/disk.raw"
+
+
+def test_domain_xml_tpm_only_when_asked() -> None:
+    assert ET.fromstring(domain_xml(_spec())).find("devices/tpm") is None
+    tpm = ET.fromstring(domain_xml(_spec(tpm=True))).find("devices/tpm")
+    assert tpm is not None and tpm.get("model") == "tpm-crb"
+    backend = tpm.find("backend")
+    assert backend is not None
+    assert (backend.get("type"), backend.get("version")) == ("emulator", "2.0")
