@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import tarfile
 import time
 import uuid as uuidlib
@@ -310,7 +311,15 @@ def _pool(hv: Hypervisor, name: str) -> tuple[Any, Path]:
 
 
 def _untar(data: bytes, directory: Path) -> None:
-    """Extract the TPM state: regular files and directories only, inside ``directory``."""
+    """Extract the TPM state: regular files and directories only, inside ``directory``.
+
+    The backed-up state replaces the directory: files the VM gained since (e.g. a
+    ``tpm2-00.volatilestate`` that swtpm would resume from) must not survive
+    next to the restored ones. ``restore_vm`` has refused a running VM of this
+    name or UUID before (``_check``, with ``define``, the only way it is called).
+    """
+    if directory.exists():
+        shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
     root = directory.resolve()
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:

@@ -124,6 +124,14 @@ def test_tpm_state_roundtrip_on_node(lab: Lab, lab_vm: VMFactory) -> None:
         assert dom.isActive()
         assert ET.fromstring(dom.XMLDesc(0)).find("devices/tpm/backend[@type='emulator']") \
             is not None
+
+        # In place over the (shut-off) original: its state becomes the backed-up
+        # one exactly, without files the original gained since.
+        (seen / "tpm2" / "tpm2-00.volatilestate").write_bytes(b"stale")
+        res = _kura_on(lab, node.name, repo_dir, "restore", vm.name, "--force",
+                       "--connect", "qemu:///system")
+        assert res["uuid"] == vm.uuid and res["tpm"] == state_dir
+        assert _files(seen) == backed_up
     finally:
         try:
             dom = conn.lookupByName(new)
