@@ -26,7 +26,8 @@ def generated_block(results: Results, *, plots_written: bool) -> str:
         "%Y-%m-%d %H:%M UTC")
     parts = [BEGIN, "", f"### Latest full run ({stamp})", "", report.context_text(results),
              "#### Ratios (measured side by side in this run)", "",
-             report.ratio_table(results), "#### Targets", "", report.targets_table(results),
+             report.ratio_table(results), "#### Targets", "", report.targets_summary(results), "",
+             report.targets_table(results),
              "#### Every measurement", "", report.main_table(results)]
     if plots_written:
         parts += ["", f"![throughput per scenario]({THROUGHPUT_PNG})", ""]

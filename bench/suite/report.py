@@ -232,6 +232,15 @@ def targets(results: Results) -> list[Target]:
     return out
 
 
+def targets_summary(results: Results) -> str:
+    ts = targets(results)
+    held = sum(1 for t in ts if t.holds is True)
+    failed = sum(1 for t in ts if t.holds is False)
+    unknown = sum(1 for t in ts if t.holds is None)
+    return (f"{held} of {len(ts)} target checks hold, {failed} do not"
+            + (f", {unknown} not measured" if unknown else "") + ".")
+
+
 def targets_table(results: Results) -> str:
     lines = ["| issue | target | measured | verdict |", "|---|---|---|---|"]
     for t in targets(results):
