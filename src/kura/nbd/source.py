@@ -26,6 +26,8 @@ STATE_DIRTY = 1
 
 # block_status takes a 32-bit length; ask for at most this much per call.
 _STATUS_STEP = 1 << 30
+# Largest single read request (a chunk is read as several of these).
+_PIECE = 1 << 20
 
 
 def _nbd() -> Any:
@@ -251,14 +253,18 @@ class NbdSource:
 
     def read_chunks(self, indexes: Iterable[int], chunk_size: int, *,
                     inflight: int = 6) -> Iterator[tuple[int, bytes]]:
-        """Read the given chunks with up to ``inflight`` requests in flight.
+        """Read the given chunks with up to ``inflight`` chunks in flight.
 
         Chunks come back in the order given. The last chunk of the export is
-        shorter when the size is not a multiple of ``chunk_size``.
+        shorter when the size is not a multiple of ``chunk_size``. Each chunk
+        is asked for as several requests of at most 1 MiB: QEMU's NBD server
+        starts answering a small request sooner, which measured about twice
+        the throughput of whole 4 MiB requests on one connection.
         """
         nbd = _nbd()
         h = self._h
-        pending: deque[tuple[int, Any, int]] = deque()
+        piece = min(chunk_size, _PIECE)
+        pending: deque[tuple[int, list[tuple[Any, int]]]] = deque()
         # Full-size buffers are reused: libnbd 1.14's Python nbd.Buffer never frees
         # its memory, so a fresh buffer per read grows the process by the disk size.
         spare: list[Any] = []
@@ -276,27 +282,34 @@ class NbdSource:
                     length = min(chunk_size, self.size - offset)
                     if length <= 0:
                         raise UsageError(f"chunk {idx} lies beyond the end of {self.description}")
-                    buf = spare.pop() if length == chunk_size and spare else nbd.Buffer(length)
-                    cookie = h.aio_pread(buf, offset)
-                    pending.append((idx, buf, cookie))
+                    requests: list[tuple[Any, int]] = []
+                    for start in range(0, length, piece):
+                        n = min(piece, length - start)
+                        buf = spare.pop() if n == piece and spare else nbd.Buffer(n)
+                        requests.append((buf, h.aio_pread(buf, offset + start)))
+                    pending.append((idx, requests))
                 if not pending:
                     return
-                idx, buf, cookie = pending[0]
-                while not h.aio_command_completed(cookie):
-                    h.poll(-1)
+                idx, requests = pending[0]
+                for _, cookie in requests:
+                    while not h.aio_command_completed(cookie):
+                        h.poll(-1)
                 pending.popleft()
-                data = bytes(buf.to_bytearray())
-                if len(data) == chunk_size:
-                    spare.append(buf)
+                if len(requests) == 1:
+                    data = bytes(requests[0][0].to_bytearray())
+                else:
+                    data = b"".join(buf.to_bytearray() for buf, _ in requests)
+                spare.extend(buf for buf, _ in requests if buf.size() == piece)
                 yield idx, data
         except nbd.Error as exc:
             raise HypervisorError(f"{self.description}: read failed: {exc}") from exc
         finally:
             # Drain anything still in flight so the handle stays usable.
             while pending and self._h is not None:
-                _, _, cookie = pending.popleft()
+                _, requests = pending.popleft()
                 try:
-                    while not h.aio_command_completed(cookie):
-                        h.poll(-1)
+                    for _, cookie in requests:
+                        while not h.aio_command_completed(cookie):
+                            h.poll(-1)
                 except nbd.Error:
                     break
