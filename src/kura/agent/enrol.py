@@ -27,7 +27,7 @@ from kura.server import schemas, tls
 from kura.server.auth import parse_enrolment_token
 from kura.server.client import ServerClient, fetch_ca
 
-DEFAULT_STATE_DIR = Path("/var/lib/kura/agent")
+DEFAULT_STATE_DIR = Path("/var/lib/kura/agent")  # kura.cli.agent repeats it (start-up time)
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,13 @@ from types import FrameType
 
 import click
 
-from kura.agent import enrol
-from kura.agent.engine_runner import EngineRunner
-from kura.agent.loop import Agent, AgentSettings
 from kura.cli.common import err_console
 from kura.hypervisor.connection import open_connection
+
+# Where an agent keeps its credential; kura.agent.enrol uses the same default.
+# The agent modules themselves are imported when the command runs: they pull
+# in the server's pydantic models, which would slow every kura command down.
+DEFAULT_STATE_DIR = Path("/var/lib/kura/agent")
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
               help="The server's CA certificate (default: fetched and checked against the "
                    "fingerprint in the token).")
 @click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False),
-              default=enrol.DEFAULT_STATE_DIR, show_default=True,
+              default=DEFAULT_STATE_DIR, show_default=True,
               help="Where the agent keeps its credential and the pinned CA.")
 @click.option("--node", metavar="NAME", help="Node name (default: libvirt's host name).")
 @click.option("--scratch-dir", type=click.Path(path_type=Path, file_okay=False),
@@ -53,6 +55,10 @@ def agent(server: str, token: str | None, connect: str, ca: Path | None, state_d
     Example:
       kura agent --server https://10.0.0.5:8443 --token kura_... --connect qemu:///system
     """
+    from kura.agent import enrol
+    from kura.agent.engine_runner import EngineRunner
+    from kura.agent.loop import Agent, AgentSettings
+
     if node is None:
         with open_connection(connect) as hv:
             node = hv.node.hostname

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -33,7 +33,9 @@ from kura.cli.server import (
     server_options,
 )
 from kura.errors import KuraError, UsageError
-from kura.server import schemas
+
+if TYPE_CHECKING:  # pydantic models: imported where used, to keep start-up fast
+    from kura.server import schemas
 
 
 @click.group("job")
@@ -80,6 +82,8 @@ def create(ctx: click.Context, name: str, names: tuple[str, ...], globs: tuple[s
     """
     if not (names or globs or tags or clusters or all_vms):
         raise UsageError("select VMs with --vm, --glob, --tag, --cluster or --all")
+    from kura.server import schemas
+
     try:
         spec = schemas.JobSpec(
             name=name, schedule=schedule, consistency=consistency,  # type: ignore[arg-type]
@@ -235,6 +239,8 @@ def ls(ctx: click.Context) -> None:
 
 
 def _retention(kw: dict[str, Any]) -> schemas.Retention:
+    from kura.server import schemas
+
     return schemas.Retention(**{k: kw.get(k) for k in schemas.Retention.model_fields})
 
 
@@ -243,6 +249,8 @@ def _remote_restore(ctx: click.Context, kw: dict[str, Any]) -> None:
         raise UsageError("--output writes a file on this machine; through a server, restore "
                          "the VM onto a node (drop --output, or unset KURA_SERVER)")
     target = kw.get("target_dir")
+    from kura.server import schemas
+
     remote_restore(ctx, schemas.RestoreRequest(
         ref=kw["ref"], node=kw.get("node"), new_name=kw.get("new_name"),
         target_dir=str(target) if target else None, disk=kw.get("disk"),

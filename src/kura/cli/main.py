@@ -60,7 +60,11 @@ _register()
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cli.main(args=argv, prog_name="kura", standalone_mode=False)
+        # Without standalone mode click returns ctx.exit(N)'s code instead of
+        # exiting; commands themselves return None.
+        rv = cli.main(args=argv, prog_name="kura", standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool):
+            return rv
     except click.exceptions.Abort:
         err_console.print("kura: interrupted")
         return Interrupted.exit_code

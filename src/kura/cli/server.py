@@ -17,12 +17,10 @@ import os
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from sqlalchemy import select
 
-from kura.catalog import Catalog, Token
 from kura.cli.common import (
     DEFAULT_REPO,
     console,
@@ -34,11 +32,15 @@ from kura.cli.common import (
 )
 from kura.errors import KuraError, RepositoryNotFound, UsageError
 from kura.repository import Repository
-from kura.server import auth, schemas
-from kura.server.client import ServerClient, from_env
-from kura.server.repo_storage import RepositoryStorage
-from kura.server.serve import DEFAULT_LISTEN, DEFAULT_STATE_DIR, ServerConfig, build_context, serve
-from kura.server.tls import fingerprint
+from kura.server import DEFAULT_LISTEN, DEFAULT_STATE_DIR, ROLES
+
+# The server stack (FastAPI, SQLAlchemy, pydantic models) takes most of a second
+# to import: every command would pay it at start-up, so the functions that need
+# it import it themselves and only type checkers see it here.
+if TYPE_CHECKING:
+    from kura.catalog import Catalog
+    from kura.server import schemas
+    from kura.server.client import ServerClient
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ def server_options(f: Any) -> Any:
 
 
 def server_client(ctx: click.Context | None = None) -> ServerClient:
+    from kura.server.client import from_env
+
     extra = state(ctx).extra
     return from_env(extra.get("server"), extra.get("token"), extra.get("ca"))
 
@@ -124,6 +128,9 @@ def server(ctx: click.Context, listen: str, state_dir: Path, catalog: str | None
     st.extra.update(state_dir=state_dir, catalog=catalog)
     if ctx.invoked_subcommand is not None:
         return
+    from kura.server.repo_storage import RepositoryStorage
+    from kura.server.serve import ServerConfig, build_context, serve
+
     cfg = ServerConfig(listen=listen, state_dir=state_dir, catalog=catalog, tls_cert=tls_cert,
                        tls_key=tls_key, tls_ca=tls_ca, dead_after=dead_after,
                        extra_names=names)
@@ -146,6 +153,9 @@ def server(ctx: click.Context, listen: str, state_dir: Path, catalog: str | None
 
 
 def _catalog(ctx: click.Context) -> tuple[Catalog, str]:
+    from kura.catalog import Catalog
+    from kura.server.tls import fingerprint
+
     extra = state(ctx).extra
     state_dir: Path = extra.get("state_dir") or DEFAULT_STATE_DIR
     catalog = Catalog.open(extra.get("catalog") or str(state_dir / "catalog.db"))
@@ -162,7 +172,7 @@ def token() -> None:
 
 
 @token.command("create")
-@click.option("--role", type=click.Choice(list(auth.ROLES)), required=True,
+@click.option("--role", type=click.Choice(list(ROLES)), required=True,
               help="admin, operator, read-only, or agent (a one-time enrolment token).")
 @click.option("--name", default="", help="A note saying what the token is for.")
 @click.option("--cluster", default=None, help="Cluster the enrolling agent joins (agent role).")
@@ -176,10 +186,12 @@ def token_create(ctx: click.Context, role: str, name: str, cluster: str | None,
         raise UsageError("--cluster applies to agent enrolment tokens only")
     if ttl is None and role == "agent":
         ttl = 24.0
+    from kura.server.auth import create_token
+
     catalog, fp = _catalog(ctx)
     with catalog.session() as s:
-        new = auth.create_token(s, role, name=name, cluster=cluster,
-                                ttl=timedelta(hours=ttl) if ttl else None, ca_fingerprint=fp)
+        new = create_token(s, role, name=name, cluster=cluster,
+                           ttl=timedelta(hours=ttl) if ttl else None, ca_fingerprint=fp)
     if state(ctx).json:
         emit_json({"id": new.id, "role": role, "token": new.secret, "ca_fingerprint": fp})
         return
@@ -193,6 +205,10 @@ def token_create(ctx: click.Context, role: str, name: str, cluster: str | None,
 @token.command("list")
 @click.pass_context
 def token_list(ctx: click.Context) -> None:
+    from sqlalchemy import select
+
+    from kura.catalog import Token
+
     catalog, _ = _catalog(ctx)
     with catalog.session() as s:
         rows = [(t.id, t.role, t.name, t.cluster or "", t.created.strftime("%Y-%m-%d %H:%M"),
@@ -210,6 +226,8 @@ def token_list(ctx: click.Context) -> None:
 @click.argument("token_id")
 @click.pass_context
 def token_revoke(ctx: click.Context, token_id: str) -> None:
+    from kura.catalog import Token
+
     catalog, _ = _catalog(ctx)
     with catalog.session() as s:
         tok = s.get(Token, token_id)
@@ -265,6 +283,8 @@ def remote_snapshots(ctx: click.Context, source: str | None) -> None:
 def remote_prune(ctx: click.Context, retention: schemas.Retention, source: str | None,
                  dry_run: bool) -> None:
     with server_client(ctx) as c:
+        from kura.server import schemas
+
         res = c.prune(schemas.PruneRequest(retention=retention, source=source, dry_run=dry_run))
     if state(ctx).json:
         emit_json(res.model_dump())

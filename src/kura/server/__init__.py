@@ -19,3 +19,12 @@ Where things are:
 
 The protocol, the trust bootstrap and the threat model are in docs/design.md.
 """
+
+from pathlib import Path
+
+# Light constants the CLI needs at import time (the modules above pull in
+# FastAPI and SQLAlchemy, which take most of a second to import).
+DEFAULT_STATE_DIR = Path("/var/lib/kura/server")
+DEFAULT_LISTEN = "127.0.0.1:8443"
+USER_ROLES = ("read-only", "operator", "admin")
+ROLES = (*USER_ROLES, "agent")

@@ -30,9 +30,8 @@ from sqlalchemy.orm import Session
 
 from kura.catalog import Agent, Token, utcnow
 from kura.errors import AuthError, UsageError
+from kura.server import ROLES, USER_ROLES
 
-USER_ROLES = ("read-only", "operator", "admin")
-ROLES = (*USER_ROLES, "agent")
 _RANK = {r: i for i, r in enumerate(USER_ROLES)}
 
 

@@ -18,7 +18,7 @@ import uvicorn
 from kura.catalog import Catalog
 from kura.errors import UsageError
 from kura.repository import Repository
-from kura.server import tls
+from kura.server import DEFAULT_LISTEN, DEFAULT_STATE_DIR, tls
 from kura.server.app import create_app
 from kura.server.deps import ServerContext
 from kura.server.engine import EngineSettings, JobEngine
@@ -27,8 +27,6 @@ from kura.server.sessions import SessionManager
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE_DIR = Path("/var/lib/kura/server")
-DEFAULT_LISTEN = "127.0.0.1:8443"
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -1,0 +1,52 @@
+"""The entry point: exit codes, one-line errors, and a light start-up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import click
+import pytest
+
+from kura.cli.main import cli, main
+from kura.errors import LabError
+
+
+@pytest.fixture
+def scratch_commands() -> Iterator[click.Group]:
+    before = dict(cli.commands)
+    yield cli
+    cli.commands.clear()
+    cli.commands.update(before)
+
+
+def test_ctx_exit_code_is_the_exit_code(scratch_commands: click.Group) -> None:
+    @scratch_commands.command("zz-exit")
+    @click.pass_context
+    def zz(ctx: click.Context) -> None:
+        ctx.exit(3)
+
+    assert main(["zz-exit"]) == 3
+    assert main(["--version"]) == 0
+
+
+def test_kura_errors_are_one_line_with_their_code(scratch_commands: click.Group,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    @scratch_commands.command("zz-fail")
+    def zz() -> None:
+        raise LabError("node node-a [down] " + "x" * 300, hint="run `kura lab up`")
+
+    assert main(["zz-fail"]) == LabError.exit_code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("kura: error: node node-a [down] ")  # not eaten as markup
+
+
+def test_start_up_does_not_import_the_server_stack() -> None:
+    code = ("import sys, kura.cli.main; "
+            "print(sorted(m for m in ('fastapi', 'sqlalchemy', 'uvicorn', 'pydantic') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
