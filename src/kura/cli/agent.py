@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from pathlib import Path
 from types import FrameType
 
 import click
 
 from kura.cli.common import err_console
+from kura.errors import KuraError
 from kura.hypervisor.connection import open_connection
 
 # Where an agent keeps its credential; kura.agent.enrol uses the same default.
@@ -60,8 +62,12 @@ def agent(server: str, token: str | None, connect: str, ca: Path | None, state_d
     from kura.agent.loop import Agent, AgentSettings
 
     if node is None:
-        with open_connection(connect) as hv:
-            node = hv.node.hostname
+        try:
+            with open_connection(connect) as hv:
+                node = hv.node.hostname
+        except KuraError as exc:  # libvirt down now; the agent retries it later
+            node = socket.gethostname()
+            log.warning("cannot ask libvirt for the node name (%s); using %s", exc, node)
     creds = enrol.ensure_enrolled(state_dir, server, token, node=node, uri=connect, ca=ca)
     err_console.print(f"kura agent: node {creds.node} of cluster {creds.cluster}, "
                       f"server {creds.server}", highlight=False)

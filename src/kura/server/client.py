@@ -102,7 +102,8 @@ class ServerClient:
                 detail = "; ".join(f"{'.'.join(str(x) for x in d.get('loc', []))}: "
                                    f"{d.get('msg', '')}" for d in detail if isinstance(d, dict))
             text = f"{method} {path}: {detail}"
-            if r.status_code in (401, 403):
+            if r.status_code == 401 or (r.status_code == 403
+                                        and not path.startswith("/api/agent/sessions")):
                 raise AuthError(text, hint="check KURA_TOKEN/--token and its role")
             err = ServerError(text)
             err.status = r.status_code  # type: ignore[attr-defined]
