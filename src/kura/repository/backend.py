@@ -8,7 +8,8 @@ relies on these operations only:
 - ``write(name, data)`` atomically: the object is either absent/old or
   complete and durable, never partial. The local backend writes ``tmp/<random>``,
   fsyncs it, renames it into place and (unless ``sync_dir=False``) fsyncs the
-  directory; ``sync_dirs`` later makes a batch of renames durable at once;
+  directory; ``sync_dirs`` later makes a batch of renames durable at once
+  (the local backend fsyncs their directories in parallel);
 - ``create(name, data)`` the same, but only if ``name`` does not exist yet
   (the primitive under locks); returns False when it already existed;
 - ``exists``, ``list(prefix)`` (every object name under a folder, recursively),
@@ -28,6 +29,7 @@ import errno
 import os
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -36,6 +38,8 @@ from urllib.parse import unquote, urlparse
 from kura.errors import IntegrityError, RepositoryError, StorageFull, UsageError
 
 TMP_DIR = "tmp"
+# Directory fsyncs issued at once by ``LocalBackend.sync_dirs``.
+_SYNC_THREADS = 32
 
 
 class ObjectNotFound(IntegrityError):
@@ -286,12 +290,29 @@ class LocalBackend:
             raise self._fail(exc, src, "renaming") from exc
 
     def sync_dirs(self, names: Iterable[str]) -> None:
-        dirs = {self._path(n).parent for n in names}
+        """fsync the directory of every name, several at once.
+
+        A directory fsync can wait for a journal commit. One at a time those
+        waits add up while other writers keep the journal busy (0.86 s for the
+        256 chunk directories of a 1 GiB backup in one profiled run, against
+        0.04 s on a quiet disk); issued together they share commits. Every
+        fsync is waited for, and the first failure is raised.
+        """
+        dirs = sorted({self._path(n).parent for n in names})
+        if len(dirs) <= 1:
+            for d in dirs:
+                self._sync_one(d)
+            return
+        with ThreadPoolExecutor(max_workers=min(_SYNC_THREADS, len(dirs)),
+                                thread_name_prefix="kura-dirsync") as pool:
+            # list(): wait for all of them, and raise the first failure.
+            list(pool.map(self._sync_one, dirs))
+
+    def _sync_one(self, d: Path) -> None:
         try:
-            for d in sorted(dirs):
-                self._fsync_dir(d)
+            self._fsync_dir(d)
         except OSError as exc:
-            raise self._fail(exc, str(d), "syncing") from exc
+            raise self._fail(exc, str(d.relative_to(self.root)), "syncing") from exc
 
 
 def open_backend(location: str | os.PathLike[str] | Backend) -> Backend:
