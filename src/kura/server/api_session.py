@@ -1,8 +1,11 @@
 """Endpoints of the remote data path (see :mod:`kura.server.sessions`).
 
 Object bodies travel as raw ``application/octet-stream``; everything else is
-JSON. Errors: 403 for what the session may not do, 404 for a missing object,
-507 when the repository's storage is full, 409 for other repository errors.
+JSON. ``touch``, ``exists`` and ``stat`` are metadata calls of a few microseconds
+and run on the event loop; reads and writes of objects run in the thread pool.
+
+Errors: 403 for what the session may not do, 404 for a missing object, 507 when
+the repository's storage is full, 409 for other repository errors.
 """
 
 from __future__ import annotations
@@ -93,20 +96,20 @@ def delete_object(sid: Sid, name: Name, who: AgentP, ctx: Ctx) -> schemas.Messag
 
 
 @router.post("/{sid}/exists", response_model=schemas.Found)
-def exists(sid: Sid, body: schemas.ObjectRef, who: AgentP, ctx: Ctx) -> schemas.Found:
+async def exists(sid: Sid, body: schemas.ObjectRef, who: AgentP, ctx: Ctx) -> schemas.Found:
     mgr, sess = _session(ctx, who, sid)
     return schemas.Found(found=_call(lambda: mgr.exists(sess, body.name)))
 
 
 @router.post("/{sid}/touch", response_model=schemas.Found)
-def touch(sid: Sid, body: schemas.ObjectRef, who: AgentP, ctx: Ctx) -> schemas.Found:
+async def touch(sid: Sid, body: schemas.ObjectRef, who: AgentP, ctx: Ctx) -> schemas.Found:
     """Mark an object in use; found=False when it does not exist (then upload it)."""
     mgr, sess = _session(ctx, who, sid)
     return schemas.Found(found=_call(lambda: mgr.touch(sess, body.name)))
 
 
 @router.post("/{sid}/stat", response_model=schemas.StatOut)
-def stat(sid: Sid, body: schemas.ObjectRef, who: AgentP, ctx: Ctx) -> schemas.StatOut:
+async def stat(sid: Sid, body: schemas.ObjectRef, who: AgentP, ctx: Ctx) -> schemas.StatOut:
     mgr, sess = _session(ctx, who, sid)
     st = _call(lambda: mgr.stat(sess, body.name))
     return schemas.StatOut(mtime=st.mtime, size=st.size)
