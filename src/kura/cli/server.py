@@ -276,7 +276,7 @@ def remote_snapshots(ctx: click.Context, source: str | None) -> None:
         emit_json([s.model_dump(mode="json") for s in snaps])
         return
     table("restore points", ("id", "source", "created", "node", "kind", "consistency", "size"),
-          [(s.id[:12], s.source, s.created.strftime("%Y-%m-%d %H:%M:%S"), s.node, s.kind,
+          [(s.id, s.source, s.created.strftime("%Y-%m-%d %H:%M:%S"), s.node, s.kind,
             s.consistency, human_bytes(s.size)) for s in snaps])
 
 
