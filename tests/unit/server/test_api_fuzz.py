@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from kura.server.engine import EngineSettings
 from kura.server.serve import ServerConfig, build_context
 
 _root = Path(tempfile.mkdtemp(prefix="kura-fuzz-"))
+atexit.register(shutil.rmtree, _root, True)
 _repo = Repository.init(_root / "repo", passphrase=None, encryption="none")
 _ctx, _ = build_context(ServerConfig(listen="127.0.0.1:0", state_dir=_root / "server"), _repo)
 _ctx.engine.settings = EngineSettings(poll_wait=0.0)  # long polls answer at once here
