@@ -1,9 +1,10 @@
 """``kura server`` (run the server, manage tokens) and the client side of the CLI.
 
 ``kura server [--listen ...]`` runs the server in the foreground;
-``kura server token create|list|revoke`` works on the catalog directly (run it
-on the server host as the administrator: that is how the first admin token is
-made). The ``remote_*`` functions are what the standalone commands (``ls``,
+``kura server token create|list|revoke`` and ``kura server agent list|revoke``
+work on the catalog directly (run them on the server host as the
+administrator: that is how the first admin token is made). The ``remote_*``
+functions are what the standalone commands (``ls``,
 ``snapshots``, ``restore``, ``prune``, ``repo verify``) call when
 ``KURA_SERVER``/``--server`` is set; :func:`server_client` builds the client
 from ``--server``/``--token``/``--ca`` or ``KURA_SERVER``/``KURA_TOKEN``/
@@ -235,6 +236,53 @@ def token_revoke(ctx: click.Context, token_id: str) -> None:
             raise UsageError(f"no token with id {token_id}", hint="see `kura server token list`")
         tok.revoked = True
     click.echo(f"token {token_id} revoked")
+
+
+@server.group("agent")
+def agent_group() -> None:
+    """List enrolled agents; revoke a node's agent credential (on the server host)."""
+
+
+@agent_group.command("list")
+@click.pass_context
+def agent_list(ctx: click.Context) -> None:
+    from sqlalchemy import select
+
+    from kura.catalog import Agent
+
+    catalog, _ = _catalog(ctx)
+    with catalog.session() as s:
+        rows = [(a.node.cluster.name, a.node.name, a.id, a.version or "-",
+                 a.last_seen.strftime("%Y-%m-%d %H:%M:%S") if a.last_seen else "never",
+                 "revoked" if a.revoked else "active")
+                for a in s.scalars(select(Agent).order_by(Agent.node_id))]
+    if state(ctx).json:
+        emit_json([dict(zip(("cluster", "node", "id", "version", "last_seen", "state"), r,
+                            strict=True)) for r in rows])
+        return
+    table("agents", ("cluster", "node", "id", "version", "last seen", "state"), rows)
+
+
+@agent_group.command("revoke")
+@click.argument("node")
+@click.option("--cluster", default=None, help="The node's cluster (when names repeat).")
+@click.pass_context
+def agent_revoke(ctx: click.Context, node: str, cluster: str | None) -> None:
+    """Revoke NODE's agent credential (takes effect within seconds); enrol again to undo."""
+    from sqlalchemy import select
+
+    from kura.catalog import Agent
+
+    catalog, _ = _catalog(ctx)
+    with catalog.session() as s:
+        hits = [a for a in s.scalars(select(Agent))
+                if a.node.name == node and (cluster is None or a.node.cluster.name == cluster)]
+        if not hits:
+            raise UsageError(f"no agent for node {node!r}", hint="see `kura server agent list`")
+        if len(hits) > 1:
+            raise UsageError(f"node {node!r} exists in several clusters", hint="add --cluster")
+        hits[0].revoked = True
+    click.echo(f"agent of node {node} revoked")
 
 
 # ---- client side: the standalone commands through a server -----------------

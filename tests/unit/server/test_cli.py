@@ -58,3 +58,27 @@ def test_cli_through_a_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     finally:
         agent.kill()
         srv.stop()
+
+
+def test_revoking_an_agent_locks_it_out(tmp_path: Path) -> None:
+    from kura.errors import AuthError
+
+    srv = start_server(tmp_path / "srv")
+    try:
+        creds = enrol(srv.url, srv.token("agent", cluster="lab"), node="node-a")
+        with creds.client() as ac:
+            ac.heartbeat()
+            state = str(tmp_path / "srv")
+            assert main(["server", "--state-dir", state, "agent", "list"]) == 0
+            assert main(["server", "--state-dir", state, "agent", "revoke", "node-x"]) == 2
+            assert main(["server", "--state-dir", state, "agent", "revoke", "node-a"]) == 0
+
+            def refused() -> bool:
+                try:
+                    ac.heartbeat()
+                except AuthError:
+                    return True
+                return False
+            wait_for(refused, 10, "revocation")  # within the credential cache's lifetime
+    finally:
+        srv.stop()
