@@ -96,7 +96,27 @@ def _kura(*args: str) -> list[str]:
     return [sys.executable, "-m", "kura.cli.main", *args]
 
 
-class ServerProcess:
+class _Child:
+    """A kura child process a test can stop (SIGTERM, then SIGKILL) or kill."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    stop_timeout = 15.0
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class ServerProcess(_Child):
     """``kura server`` as a child process (so that a test can SIGKILL it)."""
 
     def __init__(self, state_dir: Path, repo: Path, *, port: int | None = None,
@@ -139,22 +159,12 @@ class ServerProcess:
     def client(self, token: str) -> ServerClient:
         return ServerClient(self.url, token, ca=self.state_dir / "ca.pem")
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
-class AgentProcess:
+class AgentProcess(_Child):
     """``kura agent`` for one lab node as a child process."""
+
+    stop_timeout = 60.0  # it finishes (or cleanly ends) running backups first
 
     def __init__(self, server_url: str, token: str, node: str, uri: str, state_dir: Path,
                  *, ca: Path | None = None, heartbeat: float = 1.0,
@@ -174,18 +184,6 @@ class AgentProcess:
                                          stderr=subprocess.STDOUT)
         return self
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 class TcpProxy:
