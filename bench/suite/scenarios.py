@@ -540,7 +540,8 @@ def kura_tree() -> str:
         dirty = quiet(["git", "-C", str(root), "status", "--porcelain", "--", "src"]).strip()
     except (BenchError, OSError):
         return "unknown"
-    return head + (f" + uncommitted changes in {len(dirty.splitlines())} files of src/"
+    n = len(dirty.splitlines())
+    return head + (f" + uncommitted changes in {n} file{'s' if n > 1 else ''} of src/"
                    if dirty else "")
 
 
