@@ -6,6 +6,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,33 @@ STATE_DIRTY = 1
 _STATUS_STEP = 1 << 30
 # Largest single read request (a chunk is read as several of these).
 _PIECE = 1 << 20
+
+
+class _BufferPool:
+    """Read buffers of ``_PIECE`` bytes, shared by every source in the process.
+
+    libnbd 1.14's Python ``nbd.Buffer`` never frees its memory, so buffers are
+    never dropped: they go back to this pool and the next read (of any source,
+    on any thread) takes them again. The pool only grows to the most pieces
+    ever in flight at once, instead of by every source's window.
+    """
+
+    def __init__(self) -> None:
+        self._free: list[Any] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbd: Any) -> Any:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return nbd.Buffer(_PIECE)
+
+    def give(self, bufs: Iterable[Any]) -> None:
+        with self._lock:
+            self._free.extend(b for b in bufs if b.size() == _PIECE)
+
+
+_POOL = _BufferPool()
 
 
 def _nbd() -> Any:
@@ -265,9 +293,6 @@ class NbdSource:
         h = self._h
         piece = min(chunk_size, _PIECE)
         pending: deque[tuple[int, list[tuple[Any, int]]]] = deque()
-        # Full-size buffers are reused: libnbd 1.14's Python nbd.Buffer never frees
-        # its memory, so a fresh buffer per read grows the process by the disk size.
-        spare: list[Any] = []
         it = iter(indexes)
         exhausted = False
         try:
@@ -285,7 +310,7 @@ class NbdSource:
                     requests: list[tuple[Any, int]] = []
                     for start in range(0, length, piece):
                         n = min(piece, length - start)
-                        buf = spare.pop() if n == piece and spare else nbd.Buffer(n)
+                        buf = _POOL.take(nbd) if n == _PIECE else nbd.Buffer(n)
                         requests.append((buf, h.aio_pread(buf, offset + start)))
                     pending.append((idx, requests))
                 if not pending:
@@ -299,7 +324,7 @@ class NbdSource:
                     data = bytes(requests[0][0].to_bytearray())
                 else:
                     data = b"".join(buf.to_bytearray() for buf, _ in requests)
-                spare.extend(buf for buf, _ in requests if buf.size() == piece)
+                _POOL.give(buf for buf, _ in requests)
                 yield idx, data
         except nbd.Error as exc:
             raise HypervisorError(f"{self.description}: read failed: {exc}") from exc
@@ -312,4 +337,5 @@ class NbdSource:
                         while not h.aio_command_completed(cookie):
                             h.poll(-1)
                 except nbd.Error:
-                    break
+                    break  # the handle is broken: its buffers may still be written
+                _POOL.give(buf for buf, _ in requests)

@@ -79,3 +79,20 @@ def test_missing_bitmap_and_missing_image_are_clear_errors(tmp_path: Path) -> No
         NbdSource.open_image(path, bitmap="nope")
     with pytest.raises(UsageError, match="does not exist"):
         NbdSource.open_image(tmp_path / "absent.qcow2")
+
+
+def test_read_buffers_are_pooled_across_sources(tmp_path: Path) -> None:
+    # libnbd 1.14's Python buffers are never freed: every source must draw on one
+    # shared pool, or memory grows by each source's read window.
+    from kura.nbd.source import _POOL
+
+    path = tmp_path / "pool.raw"
+    path.write_bytes(b"y" * (16 * MiB))
+    sizes = []
+    for _ in range(5):
+        with NbdSource.open_image(path, "raw") as src:
+            for _ in src.read_chunks(src.data_chunks(4 * MiB), 4 * MiB, inflight=4):
+                pass
+        sizes.append(len(_POOL._free))
+    assert len(set(sizes)) == 1, sizes
+    assert sizes[0] <= 16  # 4 chunks x 4 pieces at the most
