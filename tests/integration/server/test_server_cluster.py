@@ -201,14 +201,17 @@ def test_agent_killed_server_killed_and_network_cut(site: Site,
     assert "agent on node-a restarted" in text or "lost contact with the agent" in text, text
     assert len(repo.list_snapshots(vm.uuid)) == 1
 
-    # 2. The network to the agent is cut mid-backup; restored later.
+    # 2. The network to the agent is cut mid-backup; restored later. New random data
+    # in the guest makes the upload long enough that the cut lands inside it.
+    vm.sh("dd if=/dev/urandom of=/data/cut.bin bs=1M count=48 2>/dev/null && sync",
+          timeout=120)
     run = c.run_job("j")
 
     def cut() -> None:
         site.proxies["node-a"].cut()
         time.sleep(12)
         site.proxies["node-a"].restore()
-    cutter = _when_running(c, run.id, vm.name, "data", cut)
+    cutter = _when_running(c, run.id, vm.name, "view", cut)
     done = _finished(c, run.id)
     cutter.join(60)
     text = _log(c, run.id)
