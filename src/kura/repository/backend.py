@@ -28,7 +28,7 @@ from __future__ import annotations
 import errno
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +90,15 @@ def _check_name(name: str) -> None:
             or any(ord(c) < 32 for c in name) or len(name) > 1024):
         raise UsageError(f"invalid repository object name {name!r}")
 
+
+
+def _into_place(op: Callable[[Path, Path], None], tmp: Path, path: Path) -> None:
+    """``op(tmp, path)`` (rename or link), creating ``path``'s folder on first use."""
+    try:
+        op(tmp, path)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        op(tmp, path)
 
 class LocalBackend:
     """A repository in a directory of a local or shared POSIX file system."""
@@ -167,11 +176,7 @@ class LocalBackend:
         try:
             tmp = self._write_tmp(name, data)
             try:
-                try:
-                    os.rename(tmp, path)
-                except FileNotFoundError:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    os.rename(tmp, path)
+                _into_place(os.rename, tmp, path)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -185,11 +190,7 @@ class LocalBackend:
         try:
             tmp = self._write_tmp(name, data)
             try:
-                try:
-                    os.link(tmp, path)
-                except FileNotFoundError:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    os.link(tmp, path)
+                _into_place(os.link, tmp, path)
             except FileExistsError:
                 return False
             except OSError as exc:
