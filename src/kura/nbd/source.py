@@ -320,10 +320,7 @@ class NbdSource:
                     while not h.aio_command_completed(cookie):
                         h.poll(-1)
                 pending.popleft()
-                if len(requests) == 1:
-                    data = bytes(requests[0][0].to_bytearray())
-                else:
-                    data = b"".join(buf.to_bytearray() for buf, _ in requests)
+                data = b"".join(buf.to_bytearray() for buf, _ in requests)
                 _POOL.give(buf for buf, _ in requests)
                 yield idx, data
         except nbd.Error as exc:
