@@ -63,6 +63,7 @@ from kura.hypervisor.view import (
 )
 from kura.nbd import NbdSource
 from kura.repository import Repository, SnapshotWriter, SourceRef
+from kura.repository.store import manifest_name
 
 CONSISTENCY_POLICIES = ("require", "prefer", "off")
 LIVE_STATES = ("running", "paused")
@@ -335,7 +336,13 @@ def _live(hv: Hypervisor, dom: Any, info: DomainInfo, plan: ChainPlan, sizes: di
                     sources.append((d.target, src))
                 _read_disks(sources, info, plan, sizes, w, options, log, result)
         with log.phase("finish"):
-            manifest = w.commit()
+            if guard is not None:
+                guard.committing()
+            try:
+                manifest = w.commit()
+            except BaseException:
+                committed = _maybe_committed(w, new_cp, log)
+                raise
             committed = True
             if guard is not None:
                 guard.committed()
@@ -370,7 +377,11 @@ def _offline(dom: Any, info: DomainInfo, plan: ChainPlan, sizes: dict[str, int],
             with log.phase("data"):
                 _read_disks(sources, info, plan, sizes, w, options, log, result)
         with log.phase("finish"):
-            manifest = w.commit()
+            try:
+                manifest = w.commit()
+            except BaseException:
+                committed = _maybe_committed(w, new_cp, log)
+                raise
             committed = True
             log.info(f"restore point {manifest.id} committed"
                      + (f"; checkpoint {new_cp} is the base of the next incremental"
@@ -384,6 +395,24 @@ def _offline(dom: Any, info: DomainInfo, plan: ChainPlan, sizes: dict[str, int],
                 checkpoints.delete(dom, new_cp, info)
             except KuraError as exc:
                 log.error(f"{exc}; it will be removed by the next backup")
+
+
+def _maybe_committed(w: SnapshotWriter, new_cp: str | None, log: JobLog) -> bool:
+    """After ``commit`` raised: False only when the repository says no manifest exists.
+
+    A commit whose answer was lost (the network to the server cut after the
+    manifest reached it) may have succeeded; deleting its checkpoint then would
+    cost the next backup a full. A checkpoint kept for a restore point that did
+    not commit is a stray, which the next backup removes (chain rule 5).
+    """
+    try:
+        return w.store.backend.exists(manifest_name(w.id))
+    except KuraError as exc:
+        if new_cp:
+            log.warning(f"cannot tell whether restore point {w.id} was committed "
+                        f"({exc.message}): checkpoint {new_cp} is kept; the next backup "
+                        "uses it if the restore point exists and removes it otherwise")
+        return True
 
 
 def _quiesce(quiescer: Quiescer, info: DomainInfo, options: BackupOptions,

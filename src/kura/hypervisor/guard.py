@@ -17,6 +17,11 @@ with its own libvirt connection, reading commands on a pipe from its parent:
 ``thawed``          the guest is thawed
 ``job CP DIR``      a backup job runs with new checkpoint CP (``-`` if none)
                     and scratch directory DIR
+``committing``      the manifest is being written: from now on CP is kept, as
+                    the restore point may exist even if kura dies before it
+                    hears so (a kept CP whose restore point did not commit is a
+                    stray the next backup removes; a deleted one whose restore
+                    point did commit would cost the next backup a full)
 ``committed``       the restore point is committed: CP is now the base of the
                     chain and must be kept
 ``done``            the job cleaned up after itself: exit, do nothing
@@ -25,7 +30,7 @@ with its own libvirt connection, reading commands on a pipe from its parent:
 When the pipe reaches end-of-file without ``done`` — the kernel closes it when
 the parent dies, however it dies — the guard thaws the guest (if frozen),
 aborts the domain's backup job (only if it exports on a socket inside DIR, so
-it never touches someone else's job), deletes CP unless committed, and
+it never touches someone else's job), deletes CP unless committing or committed, and
 removes DIR. It answers ``ready`` once it has its libvirt connection, so a
 freeze never starts without a working guard.
 """
@@ -90,6 +95,9 @@ class Guard:
 
     def job(self, checkpoint: str | None, scratch_dir: str) -> None:
         self._send(f"job {checkpoint or '-'} {scratch_dir}")
+
+    def committing(self) -> None:
+        self._send("committing")
 
     def committed(self) -> None:
         self._send("committed")
@@ -185,7 +193,7 @@ def _serve(stdin: IO[str], dom: Any) -> None:
                 cp, _, directory = arg.partition(" ")
                 checkpoint = None if cp == "-" else cp
                 scratch = directory or None
-            elif cmd == "committed":
+            elif cmd in ("committing", "committed"):
                 committed = True
             elif cmd == "done":
                 return

@@ -69,3 +69,14 @@ def test_deadline_thaws_a_stuck_parent_and_done_exits_quietly() -> None:
     time.sleep(0.6)
     assert dom.calls == ["thaw"]
     assert t.is_alive()  # still watching until the parent says done or dies
+
+
+def test_checkpoint_is_kept_once_the_commit_has_started(tmp_path: Path) -> None:
+    # kura died while the manifest was being written: the restore point may exist.
+    scratch = tmp_path / "job"
+    scratch.mkdir()
+    dom = FakeDomain(f"<domainbackup><server socket='{scratch}/nbd.sock'/></domainbackup>")
+    t = _run(dom, ["frozen 30", "thawed", f"job kura-1 {scratch}", "committing"], close=True)
+    t.join(5)
+    assert dom.calls == ["abort"]  # the job ends, the checkpoint stays
+    assert not scratch.exists()
