@@ -3,8 +3,11 @@
 The **master key** is 96 random bytes made at ``repo init``:
 
 - ``data key`` (bytes 0-31): AES-256-GCM key that encrypts blobs;
-- ``id key`` (32-63): HMAC-SHA256 key of chunk ids, so that two repositories
-  never share ids and an id reveals nothing about the data without the key;
+- ``id key`` (32-63): key of chunk ids, so that two repositories never share
+  ids and an id reveals nothing about the data without the key. The id
+  algorithm is a repository setting (``ID_ALGORITHMS``): keyed BLAKE3 for new
+  repositories (about 5x faster than HMAC-SHA256 on one core), HMAC-SHA256 for
+  repositories made before it existed; both give 32-byte ids;
 - ``mac key`` (64-95): HMAC-SHA256 key that authenticates blobs of an
   unencrypted repository and the repository ``config``.
 
@@ -26,9 +29,10 @@ import base64
 import hashlib
 import hmac
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import blake3
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -42,6 +46,10 @@ MAC_SIZE = 32
 ID_SIZE = 32
 DEFAULT_SCRYPT_N = 1 << 15
 ENCRYPTIONS = ("aes-256-gcm", "none")
+ID_BLAKE3 = "blake3-keyed"
+ID_HMAC_SHA256 = "hmac-sha256"
+ID_ALGORITHMS = (ID_BLAKE3, ID_HMAC_SHA256)
+DEFAULT_ID_ALGORITHM = ID_BLAKE3
 
 
 def b64e(data: bytes) -> str:
@@ -59,30 +67,48 @@ def b64d(text: Any, what: str) -> bytes:
 
 @dataclass(frozen=True, repr=False)
 class MasterKey:
-    """The three keys of a repository (never printed: ``repr`` hides them)."""
+    """The three keys of a repository (never printed: ``repr`` hides them).
+
+    ``id_algorithm`` is the repository's chunk id algorithm (from its config);
+    it is not part of the key material.
+    """
 
     data_key: bytes
     id_key: bytes
     mac_key: bytes
+    id_algorithm: str = field(default=DEFAULT_ID_ALGORITHM, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.id_algorithm not in ID_ALGORITHMS:
+            raise UnsupportedFormat(f"unknown chunk id algorithm {self.id_algorithm!r}",
+                                    hint="written by a newer kura? upgrade kura")
 
     def __repr__(self) -> str:
         return "MasterKey(<secret>)"
 
     @classmethod
-    def generate(cls) -> MasterKey:
-        return cls.from_bytes(os.urandom(MASTER_KEY_SIZE))
+    def generate(cls, id_algorithm: str = DEFAULT_ID_ALGORITHM) -> MasterKey:
+        return cls.from_bytes(os.urandom(MASTER_KEY_SIZE), id_algorithm)
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> MasterKey:
+    def from_bytes(cls, raw: bytes, id_algorithm: str = DEFAULT_ID_ALGORITHM) -> MasterKey:
         if len(raw) != MASTER_KEY_SIZE:
             raise IntegrityError(f"master key has {len(raw)} bytes, expected {MASTER_KEY_SIZE}")
-        return cls(raw[:32], raw[32:64], raw[64:96])
+        return cls(raw[:32], raw[32:64], raw[64:96], id_algorithm)
+
+    def with_id_algorithm(self, id_algorithm: str) -> MasterKey:
+        """The same keys, computing chunk ids with ``id_algorithm``."""
+        return MasterKey(self.data_key, self.id_key, self.mac_key, id_algorithm)
 
     def to_bytes(self) -> bytes:
         return self.data_key + self.id_key + self.mac_key
 
     def chunk_id(self, data: bytes | memoryview) -> bytes:
-        """The id of a chunk: HMAC-SHA256 of its plaintext under the id key."""
+        """The id of a chunk: keyed BLAKE3 (or HMAC-SHA256) of its plaintext under
+        the id key. Both release the GIL while hashing a large chunk."""
+        if self.id_algorithm == ID_BLAKE3:
+            digest: bytes = blake3.blake3(data, key=self.id_key).digest()
+            return digest
         return hmac.digest(self.id_key, data, "sha256")
 
     def mac(self, *parts: bytes | memoryview) -> bytes:

@@ -37,8 +37,10 @@ from kura.repository import verify as verify_mod
 from kura.repository.backend import Backend, LocalBackend, ObjectNotFound, open_backend
 from kura.repository.config import CONFIG, MAX_CHUNK, MIN_CHUNK, RepoConfig, read_config
 from kura.repository.crypto import (
+    DEFAULT_ID_ALGORITHM,
     DEFAULT_SCRYPT_N,
     ENCRYPTIONS,
+    ID_ALGORITHMS,
     MasterKey,
     key_needs_passphrase,
     unwrap_key,
@@ -75,8 +77,16 @@ class Repository:
     @classmethod
     def init(cls, location: str | os.PathLike[str] | Backend, *, passphrase: bytes | None,
              encryption: str = "aes-256-gcm", chunk_size: int = 4 << 20,
-             compression_level: int = 3, scrypt_n: int = DEFAULT_SCRYPT_N) -> Repository:
-        """Create a repository; the passphrase is needed unless ``encryption='none'``."""
+             compression_level: int = 3, scrypt_n: int = DEFAULT_SCRYPT_N,
+             id_algorithm: str = DEFAULT_ID_ALGORITHM) -> Repository:
+        """Create a repository; the passphrase is needed unless ``encryption='none'``.
+
+        ``id_algorithm="hmac-sha256"`` makes a repository of format version 1 (the
+        chunk ids before keyed BLAKE3), which older kura releases can open.
+        """
+        if id_algorithm not in ID_ALGORITHMS:
+            raise UsageError(f"unknown chunk id algorithm {id_algorithm!r}",
+                             hint=f"choose one of {', '.join(ID_ALGORITHMS)}")
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r}",
                              hint=f"choose one of {', '.join(ENCRYPTIONS)}")
@@ -102,7 +112,8 @@ class Repository:
                        scrypt_n=scrypt_n)
         config = RepoConfig(id=repo_id, created=datetime.now(UTC).isoformat(),
                             chunk_size=chunk_size, compression_level=compression_level,
-                            encryption=encryption, key=key).signed(master)
+                            encryption=encryption, key=key,
+                            id_algorithm=id_algorithm).signed(master)
         if not backend.create(CONFIG, config.to_json()):
             raise RepositoryExists(f"a repository already exists at {backend.location}")
         return cls(RepoStore(backend, config, master))
@@ -155,7 +166,8 @@ class Repository:
                 continue
         snaps = self.list_snapshots()
         return {
-            "location": self.location, "id": self.id, "format_version": 1,
+            "location": self.location, "id": self.id, "format_version": self.store.config.version,
+            "chunk_id": self.store.config.id_algorithm,
             "created": self.store.config.created, "encryption": self.encryption,
             "chunk_size": self.chunk_size,
             "compression": f"zstd-{self.store.compression_level}",
@@ -380,9 +392,7 @@ class Repository:
         if passphrase is not None or not key_needs_passphrase(key):
             master = unwrap_key(key, config.id, passphrase, str(path))
             config.check_mac(master, f"{backend.location}/{CONFIG}")
-        new = RepoConfig(config.id, config.created, config.chunk_size, config.compression_level,
-                         config.encryption, key, config.mac)
-        backend.write(CONFIG, new.to_json())
+        backend.write(CONFIG, config.with_key(key).to_json())
 
     # -- low-level hooks for remote writers (agent hashes and seals, server stores) ---
 

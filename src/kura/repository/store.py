@@ -71,7 +71,9 @@ class RepoStore:
     def __init__(self, backend: Backend, config: RepoConfig, master: MasterKey) -> None:
         self.backend = backend
         self.config = config
-        self.master = master
+        # The config says how chunk ids are computed (its MAC, checked by whoever
+        # opened it, covers that setting).
+        self.master = master.with_id_algorithm(config.id_algorithm)
         self.id = config.id
         self.chunk_size = config.chunk_size
         self.compression_level = config.compression_level

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kura.errors import StorageFull, UsageError
 from kura.repository.backend import Backend, LocalBackend, ObjectNotFound, ObjectStat
+from kura.repository.crypto import DEFAULT_ID_ALGORITHM
 from kura.repository.index import chunk_count
 from kura.repository.manifest import DiskEntry, Manifest, SourceRef
 from kura.repository.repo import Repository
@@ -27,11 +28,12 @@ TEST_PASSPHRASE = b"correct horse battery staple"
 
 
 def make_repo(path: Path | Backend, *, encrypted: bool = True,
-              chunk_size: int = TEST_CHUNK, compression_level: int = 3) -> Repository:
+              chunk_size: int = TEST_CHUNK, compression_level: int = 3,
+              id_algorithm: str = DEFAULT_ID_ALGORITHM) -> Repository:
     return Repository.init(path, passphrase=TEST_PASSPHRASE if encrypted else None,
                            encryption="aes-256-gcm" if encrypted else "none",
                            chunk_size=chunk_size, compression_level=compression_level,
-                           scrypt_n=1 << 10)
+                           scrypt_n=1 << 10, id_algorithm=id_algorithm)
 
 
 def write_disk(repo: Repository, name: str, data: bytes, *, disk: str = "disk",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 
 import pytest
@@ -10,7 +11,13 @@ from hypothesis import strategies as st
 
 from kura.errors import IntegrityError, UnsupportedFormat, WrongPassphrase
 from kura.repository import blob
-from kura.repository.crypto import MasterKey, unwrap_key, wrap_key
+from kura.repository.crypto import (
+    ID_BLAKE3,
+    ID_HMAC_SHA256,
+    MasterKey,
+    unwrap_key,
+    wrap_key,
+)
 
 KEY = MasterKey.generate()
 OTHER = MasterKey.generate()
@@ -37,6 +44,23 @@ def test_wrap_unwrap() -> None:
 def test_chunk_ids_are_keyed() -> None:
     assert KEY.chunk_id(b"x") != OTHER.chunk_id(b"x")
     assert KEY.chunk_id(b"x") == KEY.chunk_id(b"x")
+    old = KEY.with_id_algorithm(ID_HMAC_SHA256)
+    assert old.chunk_id(b"x") != OTHER.with_id_algorithm(ID_HMAC_SHA256).chunk_id(b"x")
+    assert old.chunk_id(b"x") != KEY.chunk_id(b"x") and len(old.chunk_id(b"x")) == 32
+
+
+def test_chunk_id_algorithms_match_their_references() -> None:
+    # BLAKE3's published keyed-hash test vector (empty input) and RFC 4231 case 2.
+    b3 = MasterKey(bytes(32), b"whats the Elvish word for friend", bytes(32), ID_BLAKE3)
+    assert b3.chunk_id(b"").hex() == (
+        "92b2b75604ed3c761f9d6f62392c8a9227ad0ea3f09573e783f1498a4ed60d26")
+    assert MasterKey.generate().id_algorithm == ID_BLAKE3
+    data = os.urandom(3 << 20)
+    assert b3.chunk_id(memoryview(data)) == b3.chunk_id(bytearray(data)) == b3.chunk_id(data)
+    mac = MasterKey(bytes(32), b"Jefe".ljust(32, b"\0"), bytes(32), ID_HMAC_SHA256)
+    assert mac.chunk_id(b"x") == hmac.digest(b"Jefe".ljust(32, b"\0"), b"x", "sha256")
+    with pytest.raises(UnsupportedFormat, match="id algorithm"):
+        KEY.with_id_algorithm("md5")
 
 
 @settings(max_examples=60, deadline=None)

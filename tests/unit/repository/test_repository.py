@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import shutil
 from pathlib import Path
 
+import blake3
 import pytest
 
 from kura.errors import (
@@ -19,6 +23,7 @@ from kura.errors import (
     WrongPassphrase,
 )
 from kura.repository import Repository
+from kura.repository.crypto import ID_BLAKE3, ID_HMAC_SHA256
 from kura.repository.testing import TEST_CHUNK, TEST_PASSPHRASE, make_repo, write_disk
 
 PW = TEST_PASSPHRASE
@@ -175,3 +180,69 @@ def test_init_refuses_a_non_empty_directory(tmp_path: Path) -> None:
         make_repo(tmp_path / "home")
     (tmp_path / "empty").mkdir()
     make_repo(tmp_path / "empty")
+
+
+def test_new_repositories_use_keyed_blake3_ids(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    cfg = tmp_path / "r" / "config"
+    doc = json.loads(cfg.read_text())
+    assert doc["version"] == 2 and doc["chunk_id"] == ID_BLAKE3
+    assert repo.info()["chunk_id"] == ID_BLAKE3 and repo.info()["format_version"] == 2
+    data = os.urandom(TEST_CHUNK)
+    m = write_disk(repo, "img", data)
+    [cid] = repo.read_index(m, "disk")
+    assert cid == blake3.blake3(data, key=repo.store.master.id_key).digest()
+    assert Repository.open(tmp_path / "r", passphrase=PW).open_disk(m.id, "disk").pread(
+        0, TEST_CHUNK) == data
+    # The id setting is authenticated: switching it (or the version) is detected.
+    for change in ({"chunk_id": ID_HMAC_SHA256}, {"version": 1}):
+        cfg.write_text(json.dumps({**doc, **change}))
+        with pytest.raises((IntegrityError, UnsupportedFormat)):
+            Repository.open(tmp_path / "r", passphrase=PW)
+    cfg.write_text(json.dumps({**doc, "chunk_id": "md5"}))
+    with pytest.raises(UnsupportedFormat, match="md5"):
+        Repository.open(tmp_path / "r", passphrase=PW)
+
+
+def test_hmac_sha256_repositories_are_still_made_as_version_1(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r", id_algorithm=ID_HMAC_SHA256)
+    doc = json.loads((tmp_path / "r" / "config").read_text())
+    assert doc["version"] == 1 and "chunk_id" not in doc
+    data = os.urandom(TEST_CHUNK)
+    m = write_disk(repo, "img", data)
+    [cid] = repo.read_index(m, "disk")
+    assert cid == hmac.digest(repo.store.master.id_key, data, "sha256")
+    assert Repository.open(tmp_path / "r", passphrase=PW).open_disk(m.id, "disk").pread(
+        0, TEST_CHUNK) == data
+
+
+def _v1_data(cs: int) -> bytes:
+    """The disk stored in tests/unit/repository/data/repo-v1 (made by kura before
+    BLAKE3 ids: format version 1, HMAC-SHA256 ids, 64 KiB chunks)."""
+    def block(i: int) -> bytes:
+        return b"".join(hashlib.sha256(f"{i}:{j}".encode()).hexdigest().encode()
+                        for j in range(cs // 64))
+    return block(0) + bytes(cs) + block(2) + block(0)[: cs // 2]
+
+
+def test_a_repository_written_before_blake3_still_reads_and_writes(tmp_path: Path) -> None:
+    shutil.copytree(Path(__file__).parent / "data" / "repo-v1", tmp_path / "r")
+    config = (tmp_path / "r" / "config").read_bytes()
+    repo = Repository.open(tmp_path / "r", passphrase=PW)
+    assert repo.info()["format_version"] == 1 and repo.info()["chunk_id"] == ID_HMAC_SHA256
+    data = _v1_data(repo.chunk_size)
+    [old] = repo.list_snapshots()
+    assert repo.open_disk(old.id, "disk").pread(0, len(data)) == data
+    assert repo.verify().ok
+    # A new restore point dedups against the old chunks: the ids are still HMAC-SHA256.
+    changed = data[: 2 * TEST_CHUNK] + os.urandom(TEST_CHUNK) + data[3 * TEST_CHUNK:]
+    new = write_disk(repo, old.source.key, changed, parent=old, base=old.disks[0], only=[2])
+    assert new.disks[0].stats["chunks_written"] == 1
+    assert repo.read_index(new, "disk")[0] == repo.read_index(old, "disk")[0]
+    again = Repository.open(tmp_path / "r", passphrase=PW)
+    assert again.open_disk(new.id, "disk").pread(0, len(changed)) == changed
+    assert again.verify().ok
+    # Exporting and importing the key leaves the old config as it was.
+    again.export_key(tmp_path / "key")
+    Repository.import_key(tmp_path / "r", tmp_path / "key", passphrase=PW)
+    assert (tmp_path / "r" / "config").read_bytes() == config
