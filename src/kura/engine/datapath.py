@@ -8,10 +8,12 @@ extent (``qemu:dirty-bitmap:backup-<dev>``). Chunks outside the list are zero
 complete image.
 
 Chunks are read with several NBD requests in flight on one connection
-(libnbd's asynchronous API, on a reader thread), and handed to the disk
-writer, whose thread pool hashes, compresses, encrypts and stores them on
-every core. Both sides are bounded, so memory stays near
-``(inflight + 2 x workers) x chunk size`` whatever the disk size.
+(libnbd's asynchronous API, on a reader thread) straight into pooled chunk
+buffers (no copy), and handed to the disk writer, whose thread pool hashes,
+compresses, encrypts and stores them on every core; the writer gives each
+buffer back to the pool once its chunk is stored. Both sides are bounded, so
+memory stays near ``(2 x inflight + 2 x workers) x chunk size`` whatever the
+disk size.
 """
 
 from __future__ import annotations
@@ -76,8 +78,9 @@ def copy(src: NbdSource, writer: DiskWriter, plan: ReadPlan, *, inflight: int,
 
     def reader() -> None:
         try:
-            for item in src.read_chunks(plan.indexes, plan.chunk_size, inflight=inflight):
+            for item in src.read_buffers(plan.indexes, plan.chunk_size, inflight=inflight):
                 if not put(item):
+                    item[2]()
                     return
             put(_END)
         except BaseException as exc:  # handed to the writing thread, which raises it
@@ -93,15 +96,27 @@ def copy(src: NbdSource, writer: DiskWriter, plan: ReadPlan, *, inflight: int,
                 break
             if isinstance(item, BaseException):
                 raise item
-            index, data = cast(tuple[int, bytes], item)
-            writer.write_chunk(index, data)
-            done += len(data)
+            index, data, release = cast(tuple[int, memoryview, Callable[[], None]], item)
+            size = len(data)
+            writer.write_chunk(index, data, release)
+            done += size
             if on_bytes is not None:
-                on_bytes(len(data))
+                on_bytes(size)
     finally:
         stop.set()
         while thread.is_alive():
             with contextlib.suppress(queue.Empty):
-                handoff.get(timeout=0.05)
+                _release(handoff.get(timeout=0.05))
         thread.join()
+        while True:
+            try:
+                _release(handoff.get_nowait())
+            except queue.Empty:
+                break
     return done
+
+
+def _release(item: object) -> None:
+    """Give a chunk buffer that will not be written back to its pool."""
+    if isinstance(item, tuple):
+        item[2]()

@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from types import TracebackType
@@ -200,33 +201,54 @@ class DiskWriter:
         with self._cond:
             self._stats["chunks_zero"] += 1
 
-    def write_chunk(self, index: int, data: bytes | memoryview) -> None:
+    def write_chunk(self, index: int, data: bytes | memoryview,
+                    release: Callable[[], None] | None = None) -> None:
         """Store chunk ``index`` (the whole chunk); blocks while the window is full.
 
-        ``data`` is processed later on a worker thread: pass ``bytes`` (or a view of a
-        buffer that is not reused until ``finish``).
+        ``data`` is processed later on a worker thread. Pass ``bytes``, or a view of
+        a buffer together with ``release``: it is called exactly once, when
+        ``data`` is no longer used (stored, found to be a duplicate or zero, or
+        refused), and the buffer may be reused from then on.
         """
-        expected = self._check_index(index)
-        if len(data) != expected:
-            raise UsageError(f"chunk {index} of disk {self.name} has {len(data)} bytes, "
-                             f"expected {expected}")
-        with self._cond:
-            self._raise_pending()
-            self._stats["bytes_in"] += expected
-        if is_zero(data):
-            self._ids[index] = ZERO_CHUNK
+        try:
+            expected = self._check_index(index)
+            if len(data) != expected:
+                raise UsageError(f"chunk {index} of disk {self.name} has {len(data)} bytes, "
+                                 f"expected {expected}")
             with self._cond:
-                self._stats["chunks_zero"] += 1
-            return
-        with self._cond:
-            while self._inflight >= self._max_inflight and self._error is None:
-                self._cond.wait()
-            self._raise_pending()
-            self._inflight += 1
-        future = self._pipe.pool.submit(self._pipe.process, data)
-        future.add_done_callback(lambda f: self._done(index, f))
+                self._raise_pending()
+                self._stats["bytes_in"] += expected
+            if is_zero(data):
+                self._ids[index] = ZERO_CHUNK
+                with self._cond:
+                    self._stats["chunks_zero"] += 1
+                if release is not None:
+                    release()
+                return
+            with self._cond:
+                while self._inflight >= self._max_inflight and self._error is None:
+                    self._cond.wait()
+                self._raise_pending()
+                self._inflight += 1
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        try:
+            future = self._pipe.pool.submit(self._pipe.process, data)
+        except BaseException:
+            with self._cond:
+                self._inflight -= 1
+                self._cond.notify_all()
+            if release is not None:
+                release()
+            raise
+        future.add_done_callback(lambda f: self._done(index, f, release))
 
-    def _done(self, index: int, future: Future[tuple[bytes, bool, int]]) -> None:
+    def _done(self, index: int, future: Future[tuple[bytes, bool, int]],
+              release: Callable[[], None] | None) -> None:
+        if release is not None:
+            release()  # the worker is done with the data, whatever the outcome
         with self._cond:
             self._inflight -= 1
             try:

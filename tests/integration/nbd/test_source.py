@@ -82,18 +82,64 @@ def test_missing_bitmap_and_missing_image_are_clear_errors(tmp_path: Path) -> No
 
 
 def test_read_buffers_are_pooled_across_sources(tmp_path: Path) -> None:
-    # libnbd 1.14's Python buffers are never freed: every source must draw on one
-    # shared pool, or memory grows by each source's read window.
+    # libnbd 1.14 keeps a reference to every buffer it reads into: every source must
+    # draw on one shared pool, or memory grows by each source's read window.
     from kura.nbd.source import _POOL
 
     path = tmp_path / "pool.raw"
     path.write_bytes(b"y" * (16 * MiB))
-    before = len(_POOL._free)  # earlier reads in this process left buffers there
+    before = _POOL.free_count()  # earlier reads in this process left buffers there
     sizes = []
     for _ in range(5):
         with NbdSource.open_image(path, "raw") as src:
             for _ in src.read_chunks(src.data_chunks(4 * MiB), 4 * MiB, inflight=4):
                 pass
-        sizes.append(len(_POOL._free))
+        sizes.append(_POOL.free_count())
     assert len(set(sizes)) == 1, sizes
-    assert sizes[0] <= before + 16  # 4 chunks x 4 pieces at the most
+    assert sizes[0] <= before + 4  # 4 chunks in flight at the most
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("piece", [MiB, 4 * MiB, 3 * MiB])
+def test_reused_buffers_never_show_stale_bytes(tmp_path: Path, fmt: str, piece: int) -> None:
+    # Reading into pooled buffers that held other chunks: holes and zeroes inside
+    # a chunk must read as zeroes, never as what the buffer held before.
+    from kura.nbd.source import _POOL
+
+    path = _image(tmp_path, fmt)
+    expected = {0: b"A" * MiB + bytes(3 * MiB), 2: bytes(2 * MiB) + b"B" * 2 * MiB,
+                3: b"B" * 3 * MiB + bytes(MiB), 24: bytes(3 * MiB) + b"C" * MiB}
+    with NbdSource.open_image(path) as src:
+        for order in ([24, 3, 2, 0], [0, 2, 3, 24], [3, 0, 24, 2]):
+            for inflight in (1, 2):
+                held = []
+                for idx, data, release in src.read_buffers(order, 4 * MiB, inflight=inflight,
+                                                           piece=piece):
+                    assert bytes(data) == expected[idx], (order, inflight, idx)
+                    held.append(release)
+                    if len(held) > 1:
+                        held.pop(0)()
+                for release in held:
+                    release()
+                    release()  # a second call must not give the buffer twice
+    free = _POOL.free_count()
+    assert len({id(b) for bufs in _POOL._free.values() for b in bufs}) == free
+
+
+def test_abandoned_read_gives_its_buffers_back(tmp_path: Path) -> None:
+    from kura.nbd.source import _POOL
+
+    path = tmp_path / "big.raw"
+    path.write_bytes(b"z" * (32 * MiB))
+    with NbdSource.open_image(path, "raw") as src:
+        for _ in src.read_chunks(range(8), 4 * MiB, inflight=4):
+            pass
+        before = _POOL.free_count()
+        gen = src.read_buffers(range(8), 4 * MiB, inflight=4)
+        _idx, _data, release = next(gen)
+        gen.close()  # three reads were still in flight: drained, their buffers back
+        assert _POOL.free_count() == before - 1
+        release()
+        assert _POOL.free_count() == before
+        # The handle is still usable.
+        assert dict(src.read_chunks([7], 4 * MiB))[7] == b"z" * 4 * MiB

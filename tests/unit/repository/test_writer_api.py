@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -140,3 +141,69 @@ def test_storage_full_at_any_step_leaves_no_restore_point(tmp_path: Path, fail_o
     assert list((tmp_path / "r" / "locks").iterdir()) == []
     armed["on"] = False
     write_disk(faulty, "img", os.urandom(CS))  # works again once there is space
+
+
+class Buffers:
+    """Reused chunk buffers, as the NBD reader hands them out: a released buffer is
+    scribbled over at once, so any use after release would store wrong data."""
+
+    def __init__(self) -> None:
+        self.free: list[bytearray] = []
+        self.out = 0
+        self.releases = 0
+
+    def take(self, data: bytes) -> tuple[memoryview, Callable[[], None]]:
+        buf = self.free.pop() if self.free else bytearray(CS)
+        buf[:len(data)] = data
+        self.out += 1
+        given = []
+
+        def release() -> None:
+            assert not given, "released twice"
+            given.append(1)
+            self.releases += 1
+            self.out -= 1
+            buf[:] = b"\xee" * len(buf)
+            self.free.append(buf)
+
+        return memoryview(buf)[:len(data)], release
+
+
+def test_release_is_called_once_when_the_data_is_no_longer_used(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    bufs = Buffers()
+    same = os.urandom(CS)
+    chunks = [same, bytes(CS), same, os.urandom(CS), b"t" * CS, same, os.urandom(CS // 2)]
+    data = b"".join(chunks)
+    with repo.begin_snapshot(SRC, node="n", workers=3) as w:
+        d = w.add_disk("disk", len(data))
+        for i, c in enumerate(chunks):
+            view, release = bufs.take(c)
+            d.write_chunk(i, view, release)
+        with pytest.raises(UsageError, match="expected"):
+            view, release = bufs.take(b"short")
+            d.write_chunk(0, view, release)
+        m = w.commit()
+    assert bufs.out == 0 and bufs.releases == len(chunks) + 1
+    assert len(bufs.free) <= 2 * 3 + 1  # the writer's window bounds the buffers in use
+    assert repo.open_disk(m, "disk").pread(0, len(data)) == data
+    assert repo.verify().ok
+
+
+def test_release_happens_when_storing_fails(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    bufs = Buffers()
+
+    class Broken(StoreSink):
+        def put(self, chunk_id: bytes, blob: bytes | bytearray) -> None:
+            raise IntegrityError("the wire broke")
+
+    with repo.begin_snapshot(SRC, node="n", sink=Broken(repo.store)) as w:
+        d = w.add_disk("disk", 8 * CS)
+        with pytest.raises(IntegrityError, match="wire broke"):
+            for i in range(8):
+                view, release = bufs.take(os.urandom(CS))
+                d.write_chunk(i, view, release)
+            d.finish()
+        w.abort()
+    assert bufs.out == 0
