@@ -14,9 +14,9 @@ A raw image that is a regular file is read directly (``SEEK_DATA``/``SEEK_HOLE``
 for its allocation, ``pread`` for data): the same extents and bytes qemu-nbd
 would serve, without copying every byte through a second process and a socket.
 
-Restore: the disk is written raw and sparse by the repository reader (every
-chunk checked against its id); ``qcow2`` output converts that with ``qemu-img
-convert``.
+Restore: the disk is written raw and sparse, or as a thin qcow2, by
+:func:`kura.engine.diskout.write_disk` (every chunk checked against its id as
+it is written; a temporary name until complete).
 """
 
 from __future__ import annotations
@@ -24,16 +24,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import socket
-import subprocess
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from kura.errors import HypervisorError, UsageError
+from kura.engine.diskout import write_disk
+from kura.errors import UsageError
 from kura.nbd import NbdSource, image_format
 from kura.repository import Manifest, Repository, SourceRef
 from kura.repository.manifest import check_object_name
@@ -189,22 +187,5 @@ def restore_image(repo: Repository, ref: Manifest | str, options: ImageRestoreOp
         raise UsageError(f"directory {output.parent} does not exist")
     if on_total:
         on_total(disk.size)
-    if options.fmt == "raw":
-        repo.restore_disk(manifest, disk.name, output, progress=progress)
-        return manifest
-    if shutil.which("qemu-img") is None:
-        raise HypervisorError("qemu-img is not installed", hint="apt-get install qemu-utils")
-    tmp = output.parent / f".{output.name}.kura-{uuid.uuid4().hex[:8]}.raw"
-    try:
-        repo.restore_disk(manifest, disk.name, tmp, progress=progress)
-        part = output.parent / f".{output.name}.kura-{uuid.uuid4().hex[:8]}.qcow2"
-        proc = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(tmp),
-                               str(part)], capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            part.unlink(missing_ok=True)
-            raise HypervisorError(f"qemu-img convert to {output} failed: "
-                                  f"{proc.stderr.strip()}")
-        part.rename(output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_disk(repo, manifest, disk.name, output, options.fmt, progress=progress)
     return manifest

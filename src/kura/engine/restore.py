@@ -58,7 +58,7 @@ class RestoreOptions:
     start: bool = False
     force: bool = False
     define: bool = True
-    workers: int = 2
+    workers: int | None = None  # default: diskout.default_workers()
 
     def __post_init__(self) -> None:
         if self.fmt is not None and self.fmt not in FORMATS:
@@ -342,7 +342,7 @@ def _untar(data: bytes, directory: Path) -> None:
 
 
 def restore_disk_file(repo: Repository, manifest: Manifest, disk: str, output: Path, *,
-                      fmt: str = "raw", force: bool = False, workers: int = 2,
+                      fmt: str = "raw", force: bool = False, workers: int | None = None,
                       listeners: list[Listener] | None = None) -> int:
     """Restore one disk of a VM restore point to ``output``; returns its size."""
     log = JobLog(manifest.source.name, listeners)

@@ -8,10 +8,19 @@ access (instant recovery and file-level restore read through it) with a small
 cache of recently used chunks; ``iter_chunks`` streams the disk in order with a
 bounded window of chunks fetched in parallel.
 
+``write_chunks`` is the restore loop every output format shares: worker
+threads each read, open and verify one chunk and hand its plaintext straight to
+a *sink* that writes it (no hand-off to a single writer thread, no copy);
+memory stays at about ``workers`` chunks. ``nonzero_runs`` finds the 64 KiB
+granules of a chunk that hold data, so that writers leave the zero ones
+unwritten (holes) even inside data chunks: a chunk that an incremental backup
+re-read whole for a 1 MiB change is mostly zeros on a thin disk.
+
 ``restore_disk`` writes a disk to a raw file: created under a temporary name
-beside the target, sized with ``ftruncate`` so all-zero chunks stay holes,
-filled by worker threads with ``pwrite`` at each chunk's offset, fsynced and
-renamed into place. A block device is written in place (zeros included).
+beside the target, sized with ``ftruncate`` so all-zero chunks and granules
+stay holes, filled by worker threads with ``pwritev`` of each chunk's data
+runs, fsynced and renamed into place. A block device is written in place
+(zeros included).
 """
 
 from __future__ import annotations
@@ -117,6 +126,94 @@ class DiskReader:
                     fut.cancel()
 
 
+#: Granularity of the zero detection inside a chunk: the qcow2 cluster size kura writes.
+GRANULE = 64 << 10
+_ZEROS = bytes(GRANULE)
+
+ChunkSink = Callable[[int, bytes | None], None]
+
+
+def nonzero_runs(data: bytes, granule: int = GRANULE) -> list[tuple[int, int]]:
+    """``(start, end)`` byte ranges of ``data`` made of granules that are not all zero.
+
+    Granules start at multiples of ``granule`` (at most 64 KiB); the last one may
+    be shorter. Adjacent data granules form one run.
+    """
+    zeros = _ZEROS if granule == GRANULE else bytes(granule)
+    runs: list[tuple[int, int]] = []
+    size = len(data)
+    pos = 0
+    while pos < size:
+        end = min(size, pos + granule)
+        # startswith compares in place (memcmp): no slice copy of the chunk.
+        if not data.startswith(zeros[: end - pos], pos):
+            if runs and runs[-1][1] == pos:
+                runs[-1] = (runs[-1][0], end)
+            else:
+                runs.append((pos, end))
+        pos = end
+    return runs
+
+
+def pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:
+    """Write ``buffers`` contiguously at ``offset``, resuming after short writes."""
+    while buffers:
+        n = os.pwritev(fd, buffers[:1024], offset)  # IOV_MAX
+        offset += n
+        while buffers and n >= len(buffers[0]):
+            n -= len(buffers[0])
+            buffers = buffers[1:]
+        if n:
+            buffers = [buffers[0][n:], *buffers[1:]]
+
+
+def write_chunks(reader: DiskReader, sink: ChunkSink, *, workers: int,
+                 progress: ProgressFn | None = None, zeros: bool = False) -> None:
+    """Read and verify every chunk on ``workers`` threads and pass it to ``sink``.
+
+    ``sink(index, plaintext)`` runs on the worker thread that verified the
+    chunk, concurrently with other chunks, in no particular order. All-zero
+    chunks are passed (as None) only with ``zeros``; otherwise they are just
+    counted. Progress is reported in disk order from the calling thread. The
+    first exception (from reading, verifying or the sink) stops the restore
+    and is raised here once the running chunks have finished.
+    """
+
+    def one(index: int) -> None:
+        sink(index, reader.read_chunk(index))
+
+    size, chunk = reader.size, reader.chunk_size
+    window = max(1, 2 * workers)
+    with ThreadPoolExecutor(max_workers=max(1, workers),
+                            thread_name_prefix="kura-restore") as pool:
+        pending: deque[tuple[int, Future[None] | None]] = deque()  # None: a zero chunk
+        running = 0
+
+        def settle(limit: int) -> None:
+            nonlocal running
+            while pending and (pending[0][1] is None or running > limit):
+                index, fut = pending.popleft()
+                if fut is not None:
+                    running -= 1
+                    fut.result()
+                if progress:
+                    progress(chunk_length(index, size, chunk))
+
+        try:
+            for index, chunk_id in enumerate(reader.ids):
+                if chunk_id == ZERO_CHUNK and not zeros:
+                    pending.append((index, None))
+                    continue
+                settle(window - 1)
+                pending.append((index, pool.submit(one, index)))
+                running += 1
+            settle(0)
+        finally:
+            for _i, fut in pending:
+                if fut is not None:
+                    fut.cancel()
+
+
 def _open_target(output: Path) -> tuple[int, Path | None, bool]:
     """(fd, temporary path or None when writing in place, is a block device)."""
     try:
@@ -129,7 +226,7 @@ def _open_target(output: Path) -> tuple[int, Path | None, bool]:
     return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp, False
 
 
-def _os_error(exc: OSError, output: Path) -> KuraError:
+def write_error(exc: OSError, output: Path) -> KuraError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"no space left on the device of {output} while restoring",
                            hint="free space or restore elsewhere")
@@ -142,44 +239,25 @@ def restore_disk(reader: DiskReader, output: Path, *, workers: int = 2,
     try:
         fd, tmp, is_block = _open_target(output)
     except OSError as exc:
-        raise _os_error(exc, output) from None
+        raise write_error(exc, output) from None
     try:
         if not is_block:
             os.ftruncate(fd, reader.size)
 
-        def one(index: int) -> int:
-            data = reader.read_chunk(index)
+        def sink(index: int, data: bytes | None) -> None:
             offset = index * reader.chunk_size
-            if data is None:
+            if data is None:  # only for a block device: its old content must go
                 length = chunk_length(index, reader.size, reader.chunk_size)
-                if is_block:
-                    os.pwrite(fd, bytes(length), offset)
-                return length
+                pwritev_all(fd, [memoryview(bytes(length))], offset)
+                return
             view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view = view[n:]
-                offset += n
-            return len(data)
+            if is_block:
+                pwritev_all(fd, [view], offset)
+                return
+            for start, end in nonzero_runs(data):
+                pwritev_all(fd, [view[start:end]], offset + start)
 
-        window = max(1, 2 * workers)
-        with ThreadPoolExecutor(max_workers=max(1, workers),
-                                thread_name_prefix="kura-restore") as pool:
-            pending: deque[Future[int]] = deque()
-            try:
-                for index in range(len(reader.ids)):
-                    if len(pending) >= window:
-                        done = pending.popleft().result()
-                        if progress:
-                            progress(done)
-                    pending.append(pool.submit(one, index))
-                while pending:
-                    done = pending.popleft().result()
-                    if progress:
-                        progress(done)
-            finally:
-                for fut in pending:
-                    fut.cancel()
+        write_chunks(reader, sink, workers=workers, progress=progress, zeros=is_block)
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -192,7 +270,7 @@ def restore_disk(reader: DiskReader, output: Path, *, workers: int = 2,
                 os.close(dfd)
             tmp = None
     except OSError as exc:
-        raise _os_error(exc, output) from None
+        raise write_error(exc, output) from None
     finally:
         if fd >= 0:
             os.close(fd)
