@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +102,37 @@ class RemoteBackend:
         batch = list(names)
         if batch:
             self._do("chunks", "POST", "/sync", json={"names": batch})
+
+    def write_batch(self) -> RemoteWriteBatch:
+        return RemoteWriteBatch(self)
+
+
+class RemoteWriteBatch:
+    """Chunks uploaded at once; ``commit`` asks the server to make them durable.
+
+    The server stages each upload in its own write batch (no fsync per chunk) and
+    commits that batch on ``/sync`` and, at the latest, before it writes the
+    manifest, so nothing it names is ever less durable than the manifest.
+    """
+
+    def __init__(self, backend: RemoteBackend) -> None:
+        self._backend = backend
+        self._names: list[str] = []
+        self._lock = threading.Lock()
+
+    def put(self, name: str, data: bytes | bytearray) -> None:
+        self._backend.write(name, data, sync_dir=False)
+        with self._lock:
+            self._names.append(name)
+
+    def commit(self) -> None:
+        with self._lock:
+            names, self._names = self._names, []
+        self._backend.sync_dirs(names)
+
+    def discard(self) -> None:
+        with self._lock:
+            self._names = []
 
 
 @dataclass

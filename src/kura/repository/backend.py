@@ -10,6 +10,13 @@ relies on these operations only:
   fsyncs it, renames it into place and (unless ``sync_dir=False``) fsyncs the
   directory; ``sync_dirs`` later makes a batch of renames durable at once
   (the local backend fsyncs their directories in parallel);
+- ``write_batch()`` a :class:`WriteBatch` for many objects (chunks) made durable
+  together: ``put`` stages an object (the local backend writes ``tmp/<random>``
+  without an fsync; the object is not visible yet), ``commit`` makes every
+  staged object durable and then visible (fsync the staged files from several
+  threads, rename them into place, fsync their directories), ``discard`` drops
+  what is staged. Only a committed object is ever visible, and it is complete;
+  the writer commits before it writes an index or manifest that names it;
 - ``create(name, data)`` the same, but only if ``name`` does not exist yet
   (the primitive under locks); returns False when it already existed;
 - ``exists``, ``list(prefix)`` (every object name under a folder, recursively),
@@ -26,7 +33,9 @@ backend implements the same protocol (``create`` maps to a conditional put).
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +47,14 @@ from urllib.parse import unquote, urlparse
 from kura.errors import IntegrityError, RepositoryError, StorageFull, UsageError
 
 TMP_DIR = "tmp"
-# Directory fsyncs issued at once by ``LocalBackend.sync_dirs``.
+# Directory fsyncs issued at once by ``LocalBackend.sync_dirs``, and file fsyncs
+# issued at once by a write batch's commit.
 _SYNC_THREADS = 32
+# A local write batch commits by itself once it holds this many staged objects, so
+# that chunks become visible (deduplicated across writers) within a few seconds
+# and a crash leaves few temporary files; the directory fsyncs of a commit are
+# shared by its objects.
+BATCH_OBJECTS = 64
 
 
 class ObjectNotFound(IntegrityError):
@@ -83,6 +98,24 @@ class Backend(Protocol):
 
     def sync_dirs(self, names: Iterable[str]) -> None: ...
 
+    def write_batch(self) -> WriteBatch: ...
+
+
+@runtime_checkable
+class WriteBatch(Protocol):
+    """Objects written together and made durable at once (see module docstring).
+
+    ``put`` may be called from several threads; ``commit`` returns once every object
+    put before it was called is durable and visible (or raises). A batch may be
+    committed many times; after a failed commit it keeps failing.
+    """
+
+    def put(self, name: str, data: bytes | bytearray) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def discard(self) -> None: ...
+
 
 def _check_name(name: str) -> None:
     parts = name.split("/")
@@ -90,6 +123,66 @@ def _check_name(name: str) -> None:
             or any(ord(c) < 32 for c in name) or len(name) > 1024):
         raise UsageError(f"invalid repository object name {name!r}")
 
+
+
+def _write_direct(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` to the empty file ``fd`` (opened with O_DIRECT), then cut it to size.
+
+    Chunks are written once and rarely read back soon, so they bypass the page
+    cache: a buffered write copies every byte into newly allocated cache pages (the
+    largest CPU cost of storing a chunk on a busy host) and leaves them for the
+    kernel to write back. O_DIRECT needs an aligned buffer and length, so the data
+    goes through a reused page-aligned buffer, padded with zeros to a whole block;
+    ``ftruncate`` then gives the file its exact size. Durability still comes from
+    the fsync that follows (the size, the block allocation, the device cache).
+    """
+    size = len(data)
+    padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+    buf = _BUFFERS.take(padded)
+    try:
+        view = memoryview(buf)
+        view[:size] = data
+        view[size:padded] = bytes(padded - size)
+        done = 0
+        while done < padded:
+            # A short write ends on a block boundary; the rest stays aligned.
+            done += os.write(fd, view[done:padded])
+        view.release()
+        if padded != size:
+            os.ftruncate(fd, size)
+    finally:
+        _BUFFERS.give(buf)
+
+
+class _BufferPool:
+    """Page-aligned buffers (anonymous mmaps) for O_DIRECT writes, kept for reuse."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> mmap.mmap:
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if len(buf) >= size:
+                    return self._free.pop(i)
+        return mmap.mmap(-1, max(size, DIRECT_BUFFER))
+
+    def give(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buf)
+                return
+        buf.close()
+
+
+# O_DIRECT: objects from this size on, the alignment of buffer, length and offset,
+# the usual buffer size (a 4 MiB chunk and its blob header), and how many to keep.
+DIRECT_MIN = 64 << 10
+DIRECT_ALIGN = 4096
+DIRECT_BUFFER = (4 << 20) + DIRECT_ALIGN
+_BUFFERS = _BufferPool(keep=8)
 
 
 def _into_place(op: Callable[[Path, Path], None], tmp: Path, path: Path) -> None:
@@ -103,8 +196,10 @@ def _into_place(op: Callable[[Path, Path], None], tmp: Path, path: Path) -> None
 class LocalBackend:
     """A repository in a directory of a local or shared POSIX file system."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, direct: bool = True) -> None:
         self.root = Path(root)
+        # Large objects (chunks) are written with O_DIRECT where the file system allows.
+        self._direct = direct and hasattr(os, "O_DIRECT")
 
     @property
     def location(self) -> str:
@@ -136,20 +231,47 @@ class LocalBackend:
         finally:
             os.close(fd)
 
-    def _write_tmp(self, name: str, data: bytes | bytearray) -> Path:
+    def _open_tmp(self, flags: int) -> tuple[Path, int]:
         tmp_dir = self.root / TMP_DIR
         tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
+        flags |= os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            return tmp, os.open(tmp, flags, 0o600)
         except FileNotFoundError:
             tmp_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            return tmp, os.open(tmp, flags, 0o600)
+
+    def _write_tmp(self, name: str, data: bytes | bytearray | memoryview, *,
+                   sync: bool = True) -> Path:
+        if self._direct and len(data) >= DIRECT_MIN:
+            try:
+                tmp, fd = self._open_tmp(os.O_DIRECT)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._direct = False  # the file system has no O_DIRECT (tmpfs, some FUSE)
+            else:
+                try:
+                    return self._fill(tmp, fd, data, sync, direct=True)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._direct = False  # opened, but refused aligned writes
+        tmp, fd = self._open_tmp(0)
+        return self._fill(tmp, fd, data, sync, direct=False)
+
+    def _fill(self, tmp: Path, fd: int, data: bytes | bytearray | memoryview, sync: bool,
+              *, direct: bool) -> Path:
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
+            if direct:
+                _write_direct(fd, data)
+            else:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+            if sync:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -314,6 +436,100 @@ class LocalBackend:
             self._fsync_dir(d)
         except OSError as exc:
             raise self._fail(exc, str(d.relative_to(self.root)), "syncing") from exc
+
+    def write_batch(self, *, limit: int = BATCH_OBJECTS) -> LocalWriteBatch:
+        return LocalWriteBatch(self, limit=limit)
+
+
+class LocalWriteBatch:
+    """Group commit for a :class:`LocalBackend` (see :class:`WriteBatch`).
+
+    ``put`` writes the object to ``tmp/`` without an fsync. ``commit`` fsyncs the
+    staged files from up to ``_SYNC_THREADS`` threads (concurrent fsyncs share the
+    file system's journal commits, and the data may already have been written back
+    by the kernel meanwhile), renames each into place once all are durable, then
+    fsyncs their directories (``sync_dirs``). Until then nothing is visible, so a
+    crash leaves only temporary files, which GC removes. Commits run one at a
+    time: ``commit`` waits for a commit another thread started, so when it returns
+    every object put before it is durable. A ``put`` that fills the batch to
+    ``limit`` objects commits them in the putting thread.
+    """
+
+    def __init__(self, backend: LocalBackend, *, limit: int = BATCH_OBJECTS) -> None:
+        self._backend = backend
+        self._limit = limit
+        self._staged: list[tuple[Path, str]] = []
+        self._lock = threading.Lock()          # guards _staged
+        self._commit_lock = threading.Lock()   # one commit at a time
+        self._failed: RepositoryError | None = None
+
+    def put(self, name: str, data: bytes | bytearray) -> None:
+        be = self._backend
+        be._path(name)  # check the name before anything is written
+        try:
+            tmp = be._write_tmp(name, data, sync=False)
+        except OSError as exc:
+            raise be._fail(exc, name, "writing") from exc
+        with self._lock:
+            self._staged.append((tmp, name))
+            full = self._limit > 0 and len(self._staged) >= self._limit
+        if full:
+            self.commit()
+
+    def commit(self) -> None:
+        with self._commit_lock:
+            if self._failed is not None:
+                raise self._failed
+            with self._lock:
+                staged, self._staged = self._staged, []
+            if not staged:
+                return
+            try:
+                self._commit(staged)
+            except RepositoryError as exc:
+                self._failed = exc
+                raise
+
+    def _commit(self, staged: list[tuple[Path, str]]) -> None:
+        be = self._backend
+        done = 0
+        try:
+            self._sync_files(staged)
+            for tmp, name in staged:
+                try:
+                    _into_place(os.rename, tmp, be.root / name)
+                except OSError as exc:
+                    raise be._fail(exc, name, "writing") from exc
+                done += 1
+        finally:
+            for tmp, _name in staged[done:]:
+                tmp.unlink(missing_ok=True)
+        be.sync_dirs(name for _tmp, name in staged)
+
+    def _sync_files(self, staged: list[tuple[Path, str]]) -> None:
+        def sync(item: tuple[Path, str]) -> None:
+            tmp, name = item
+            try:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise self._backend._fail(exc, name, "writing") from exc
+        if len(staged) == 1:
+            sync(staged[0])
+            return
+        with ThreadPoolExecutor(max_workers=min(_SYNC_THREADS, len(staged)),
+                                thread_name_prefix="kura-filesync") as pool:
+            list(pool.map(sync, staged))  # wait for all; raise the first failure
+
+    def discard(self) -> None:
+        """Drop every staged object (nothing of it was visible)."""
+        with self._lock:
+            staged, self._staged = self._staged, []
+        for tmp, _name in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def open_backend(location: str | os.PathLike[str] | Backend) -> Backend:

@@ -17,7 +17,13 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from kura.errors import StorageFull, UsageError
-from kura.repository.backend import Backend, LocalBackend, ObjectNotFound, ObjectStat
+from kura.repository.backend import (
+    Backend,
+    LocalBackend,
+    ObjectNotFound,
+    ObjectStat,
+    WriteBatch,
+)
 from kura.repository.crypto import DEFAULT_ID_ALGORITHM
 from kura.repository.index import chunk_count
 from kura.repository.manifest import DiskEntry, Manifest, SourceRef
@@ -111,6 +117,27 @@ class FaultyBackend:
     def sync_dirs(self, names: Iterable[str]) -> None:
         self.inner.sync_dirs(names)
 
+    def write_batch(self) -> WriteBatch:
+        return _FaultyBatch(self, self.inner.write_batch())
+
+
+class _FaultyBatch:
+    """A write batch of a :class:`FaultyBackend`: puts count as writes."""
+
+    def __init__(self, outer: FaultyBackend, inner: WriteBatch) -> None:
+        self.outer = outer
+        self.inner = inner
+
+    def put(self, name: str, data: bytes | bytearray) -> None:
+        self.outer._count(name)
+        self.inner.put(name, data)
+
+    def commit(self) -> None:
+        self.inner.commit()
+
+    def discard(self) -> None:
+        self.inner.discard()
+
 
 def local(path: Path) -> LocalBackend:
     return LocalBackend(path)
@@ -138,7 +165,9 @@ def check_backend(backend: Backend) -> None:
 
     Checks atomic overwrite, exclusive create, recursive sorted listing, touch
     (mtime and the missing case), stat, rename, delete (missing is fine, folders
-    recursively), missing objects (``ObjectNotFound``) and invalid names.
+    recursively), write batches (committed objects are readable, a discarded
+    batch leaves no temporary object), missing objects (``ObjectNotFound``) and
+    invalid names.
     """
     backend.write("a/b/c", b"hello")
     _expect(backend.read("a/b/c") == b"hello", "read returns what write stored")
@@ -169,6 +198,15 @@ def check_backend(backend: Backend) -> None:
     backend.sync_dirs(["e/moved"])
     backend.delete("d")
     _expect(list(backend.list("d")) == [], "delete removes a folder recursively")
+    batch = backend.write_batch()
+    batch.put("batch/1", b"one")
+    batch.put("batch/2", bytearray(b"two"))
+    batch.commit()
+    _expect(backend.read("batch/1") == b"one" and backend.read("batch/2") == b"two",
+            "a committed write batch is readable")
+    batch.put("batch/3", b"three")
+    batch.discard()
+    backend.delete("batch")
     _expect(list(backend.list("tmp")) == [], "no temporary objects left behind")
     for bad in ("", "/abs", "a/../b", "a//b"):
         try:

@@ -75,26 +75,25 @@ class ChunkSink(Protocol):
 
 
 class StoreSink:
-    """Stores chunks straight into the repository's backend."""
+    """Stores chunks straight into the repository's backend, durable in batches.
+
+    Chunks go into one backend write batch (``put`` without a per-chunk fsync);
+    ``flush`` commits it, so they are durable and visible before the index that
+    names them is written.
+    """
 
     def __init__(self, store: RepoStore) -> None:
         self.store = store
-        self._written: set[str] = set()
-        self._lock = threading.Lock()
+        self._batch = store.backend.write_batch()
 
     def has(self, chunk_id: bytes) -> bool:
         return self.store.has_chunk(chunk_id)
 
     def put(self, chunk_id: bytes, blob: bytes | bytearray) -> None:
-        self.store.store_chunk_blob(chunk_id, blob)
-        with self._lock:
-            # Remember the directory only (sync_dirs fsyncs the parent of each name).
-            self._written.add(chunk_name(chunk_id).rsplit("/", 1)[0] + "/-")
+        self._batch.put(chunk_name(chunk_id), blob)
 
     def flush(self) -> None:
-        with self._lock:
-            names, self._written = self._written, set()
-        self.store.backend.sync_dirs(names)
+        self._batch.commit()
 
 
 class _Pipeline:

@@ -15,7 +15,9 @@ its own cluster that the server asked it to back up. What a session may do:
 * read ``config``, the VM's own restore points (``snapshots/``, ``indexes/``,
   ``notes/``: listings are filtered to that VM) and lock/writer registrations;
   a restore session may also read chunks;
-* write chunks (each id is remembered as *uploaded*), ``touch`` chunks (an id
+* write chunks (each id is remembered as *uploaded*; the chunk is staged in the
+  session's write batch, which the agent's ``sync`` commits and which is always
+  committed before the manifest is written), ``touch`` chunks (an id
   that exists is remembered as *present*; this is how only chunks the
   repository lacks are sent), write the indexes and notes of the one new
   restore point, its writer registration and the VM's source lock;
@@ -52,6 +54,7 @@ from sqlalchemy import select
 from kura.catalog import Agent, BackupSession, Catalog, RunVm, Task, Vm
 from kura.errors import IntegrityError, KuraError, ServerError
 from kura.repository import ZERO_CHUNK, Manifest, ObjectNotFound, ObjectStat, Repository
+from kura.repository.backend import WriteBatch
 from kura.repository.locks import source_lock_name
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,7 @@ class Session:
     uploaded: set[bytes] = field(default_factory=set)
     present: set[bytes] = field(default_factory=set)
     created: set[str] = field(default_factory=set)   # lock/writer objects it made
+    batch: WriteBatch | None = None  # uploaded chunks, durable at the next commit
     committed: bool = False
     touched: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -136,7 +140,8 @@ class SessionManager:
         if kind == "restore" and wanted:
             visible.add(self.repo.get_snapshot(wanted).id)
         sess = Session(id=sid, agent_id=agent_id, task_id=task_id, vm_uuid=vm_uuid, kind=kind,
-                       visible=visible)
+                       visible=visible,
+                       batch=self.backend.write_batch() if kind == "backup" else None)
         with self._lock:
             self._sessions[sid] = sess
         return sess, self.repo.store.master.to_bytes()
@@ -178,6 +183,8 @@ class SessionManager:
     def _close(self, sess: Session, why: str) -> None:
         with self._lock:
             self._sessions.pop(sess.id, None)
+        if sess.batch is not None:
+            sess.batch.discard()  # staged uploads never became visible
         if not sess.committed:
             log.warning("session %s (VM %s) aborted: %s; no restore point", sess.id,
                         sess.vm_uuid, why)
@@ -283,7 +290,9 @@ class SessionManager:
             raise Refused("a restore session writes nothing to the repository")
         m = _CHUNK.match(name)
         if m is not None:
-            self.backend.write(name, data, sync_dir=False)
+            if sess.batch is None:
+                raise Refused("a restore session writes nothing to the repository")
+            sess.batch.put(name, data)
             with sess.lock:
                 sess.uploaded.add(bytes.fromhex(m.group(1)))
             return True
@@ -328,7 +337,9 @@ class SessionManager:
         raise Refused(f"this session may not rename {src}")
 
     def sync(self, sess: Session, names: list[str]) -> None:
-        self.backend.sync_dirs([n for n in names if n.startswith("chunks/")])
+        """Make the session's uploads durable and visible (the agent's flush)."""
+        if sess.batch is not None:
+            sess.batch.commit()
 
     # ---- commit --------------------------------------------------------
 
@@ -361,6 +372,8 @@ class SessionManager:
         if bad:
             raise Refused(f"{what}: refers to chunks it neither uploaded nor inherited from its "
                           f"parent ({', '.join(x[:16] for x in bad[:3])}...); refused")
+        if sess.batch is not None:
+            sess.batch.commit()  # every uploaded chunk is durable before the manifest
         store.backend.write(name, blob)
         sess.committed = True
         if self.on_commit is not None:

@@ -11,7 +11,7 @@ import pytest
 
 from kura.agent.enrol import enrol
 from kura.agent.loop import Agent
-from kura.agent.remote import RemoteBackend, open_session
+from kura.agent.remote import RemoteBackend, RemoteWriteBatch, open_session
 from kura.agent.runner import TaskContext
 from kura.agent.testing import FAST, AgentThread, FakeCluster, FakeRunner, wait_for
 from kura.errors import RepositoryError
@@ -183,6 +183,36 @@ def test_a_backup_that_dies_before_commit_leaves_nothing_and_the_next_succeeds(
             runner.mode = "ok"  # the lock the dead writer took is gone: this succeeds
             assert _run(c, "j").status == "succeeded"
             assert len(repo.list_snapshots(vm.uuid)) == 1
+    finally:
+        agent.kill()
+
+
+def test_uploads_are_durable_before_the_manifest_even_without_a_sync(
+        setup: tuple[RunningServer, Repository, FakeCluster],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server stages uploaded chunks in a write batch; an agent that never asks
+    for a sync still gets them committed before its manifest, and an aborted
+    session's staged uploads never appear."""
+    srv, repo, fc = setup
+    vm = fc.add("web1", "node-a")
+    disks = {"web1": bytearray(os.urandom(6 * CHUNK))}
+    monkeypatch.setattr(RemoteWriteBatch, "commit", lambda self: None)
+    agent, runner = _agent(srv, fc, "node-a", disks, mode="crash")
+    backend = repo.store.backend
+    try:
+        with srv.client() as c:
+            wait_for(lambda: c.inventory().clusters, what="inventory")
+            c.create_job(schemas.JobSpec(name="j", retries=0,
+                                         selection=schemas.Selection(all=True)))
+            assert _run(c, "j").status == "failed"
+            assert srv.ctx.sessions is not None
+            wait_for(lambda: not srv.ctx.sessions._sessions, what="session aborted")
+            assert list(backend.list("chunks")) == [] and list(backend.list("tmp")) == []
+            runner.mode = "ok"
+            assert _run(c, "j").status == "succeeded"
+        (m,) = repo.list_snapshots(vm.uuid)
+        assert len(list(backend.list("chunks"))) == 6 and list(backend.list("tmp")) == []
+        assert repo.open_disk(m, "vda").pread(0, 6 * CHUNK) == bytes(disks["web1"])
     finally:
         agent.kill()
 
