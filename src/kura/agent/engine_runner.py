@@ -12,7 +12,11 @@ this module, so adapting to the engine's API touches one file.
   cancels the task, which sends the engine down its clean-up path (guest
   thawed, backup job ended, new checkpoint deleted, writer aborted: no restore
   point). When the VM left this node, the error becomes ``MigratedError``
-  naming the node it went to if this node's libvirt knows.
+  naming the node it went to if this node's libvirt knows. A migration (or
+  save, snapshot, dump) that waits for the backup's libvirt job is noticed by
+  :mod:`kura.agent.jobwatch`; the backup then gives way at once (ended
+  cleanly), and, once the VM has left, reports ``MigratedError`` so that the
+  server retries it on the new node.
 * **preflight** — finds the VM, pings its guest agent, asks the chain planner
   whether the next backup is incremental (and why not), all read-only.
 * **restore** — :func:`kura.engine.restore.restore_vm` from a read-only
@@ -21,7 +25,9 @@ this module, so adapting to the engine's API touches one file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +38,7 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
+from kura.agent.jobwatch import JobRequest, JobWatch
 from kura.agent.remote import RemoteSession, open_session
 from kura.agent.runner import TaskContext
 from kura.engine import chain
@@ -48,6 +55,7 @@ from kura.errors import (
 )
 from kura.hypervisor.connection import Hypervisor, open_connection
 from kura.hypervisor.domain import describe, disk_sizes
+from kura.hypervisor.view import DEFAULT_SCRATCH_ROOT
 from kura.server import schemas
 from kura.server.client import ServerClient
 
@@ -70,10 +78,13 @@ def domain_tags(dom: Any) -> list[str]:
 
 class EngineRunner:
     def __init__(self, uri: str, client: ServerClient, *,
-                 scratch_root: Path | None = None) -> None:
+                 scratch_root: Path | None = None, admin_uri: str | None = None,
+                 migration_wait: float = 60.0) -> None:
         self.uri = uri
         self.client = client
         self.scratch_root = scratch_root
+        self.jobwatch = JobWatch(admin_uri, scratch_root or DEFAULT_SCRATCH_ROOT)
+        self.migration_wait = migration_wait
 
     @contextmanager
     def _hv(self) -> Iterator[Hypervisor]:
@@ -119,6 +130,8 @@ class EngineRunner:
     # ---- backup --------------------------------------------------------
 
     def _listener(self, ctx: TaskContext) -> Any:
+        raised = [False]
+
         def listen(ev: Event) -> None:
             if ev.kind == "phase-start":
                 ctx.phase_event(ev.phase or "", "start", message=ev.message)
@@ -130,7 +143,10 @@ class EngineRunner:
             else:
                 ctx.log(ev.message, "warning" if ev.kind == "warning" else
                         "error" if ev.kind == "error" else "info")
-            if ctx.cancel.is_set():
+            # Once: the engine's clean-up after the interrupt logs too, and must
+            # run to its end (thaw, end the job, delete the new checkpoint).
+            if ctx.cancel.is_set() and not raised[0]:
+                raised[0] = True
                 raise Interrupted(f"backup stopped: {ctx.cancel_reason}")
         return listen
 
@@ -155,11 +171,38 @@ class EngineRunner:
             with self._hv() as hv:
                 dom = hv.find(uuid)
                 live = dom is not None and bool(dom.isActive())
+                name = str(dom.name()) if dom is not None else str(ctx.payload["vm_name"])
+                phase = [""]
+                asked: list[JobRequest] = []
+
+                def give_way(req: JobRequest) -> None:
+                    # In the finish phase the job ends within moments anyway.
+                    if asked or phase[0] == "finish":
+                        return
+                    asked.append(req)
+                    what = "a migration" if req.migration else f"a {req.job} job"
+                    ctx.cancel_reason = (f"{what} of VM {name} is waiting for its backup on "
+                                         f"{hv.node.hostname}: the backup gives way")
+                    ctx.log(ctx.cancel_reason + " (ended cleanly: no restore point)", "warning")
+                    ctx.cancel.set()
+
+                def track(ev: Event) -> None:
+                    if ev.kind == "phase-start":
+                        phase[0] = ev.phase or ""
+
+                watching = (self.jobwatch.watch(name, give_way) if live
+                            else contextlib.nullcontext(False))
                 try:
-                    res = backup_vm(hv, session.repo, uuid, opts, [self._listener(ctx)])
+                    with watching:
+                        res = backup_vm(hv, session.repo, uuid, opts,
+                                        [track, self._listener(ctx)])
                 except DomainNotFound as exc:
                     raise MigratedError(f"VM {ctx.payload['vm_name']} is not on "
                                         f"{hv.node.hostname} any more: {exc.message}") from exc
+                except Interrupted as exc:
+                    if asked:
+                        raise self._gave_way(hv, uuid, name, asked[0]) from exc
+                    raise
                 except HypervisorError as exc:
                     if not isinstance(exc, MigratedError) and live and self._left(hv, uuid):
                         raise MigratedError(f"VM {ctx.payload['vm_name']} left "
@@ -177,6 +220,28 @@ class EngineRunner:
             data={"reason": res.reason, "parent": res.parent, "seconds": res.seconds,
                   "frozen_seconds": res.frozen_seconds, "phases": res.phases,
                   "disks": [d.to_dict() for d in res.disks]})
+
+    def _gave_way(self, hv: Hypervisor, uuid: str, name: str, req: JobRequest) -> KuraError:
+        """The error for a backup that ended early because ``req`` waited for it.
+
+        The backup has ended cleanly (no restore point, checkpoint deleted, guest
+        thawed). For a migration, wait for the VM to leave so that the server
+        retries it on its new node; anything else is retried here.
+        """
+        node = hv.node.hostname
+        if not req.migration:
+            return Interrupted(f"the backup of VM {name} on {node} gave way to a {req.job} "
+                               "job requested meanwhile (no restore point); it is retried")
+        deadline = time.monotonic() + self.migration_wait
+        while not self._left(hv, uuid):
+            if time.monotonic() >= deadline:
+                return Interrupted(
+                    f"the backup of VM {name} on {node} gave way to a migration, which has "
+                    f"not completed within {self.migration_wait:.0f} s; the backup is retried")
+            time.sleep(0.5)
+        return MigratedError(f"VM {name} migrated away from {node} during its backup; the "
+                             "backup gave way as soon as the migration asked for the VM "
+                             "(ended cleanly: no restore point, guest thawed)")
 
     # ---- pre-flight ----------------------------------------------------
 

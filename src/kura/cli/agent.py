@@ -38,14 +38,18 @@ log = logging.getLogger(__name__)
 @click.option("--node", metavar="NAME", help="Node name (default: libvirt's host name).")
 @click.option("--scratch-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Scratch directory for backup views (default: the engine's).")
+@click.option("--libvirt-admin", metavar="URI",
+              help="libvirt admin URI of this node's daemon, through which backups notice a "
+                   "migration waiting for them and give way (default: libvirtd:///system or "
+                   "virtqemud:///system when --connect is local; 'none' turns it off).")
 @click.option("--heartbeat", type=float, default=5.0, show_default=True, metavar="SECONDS")
 @click.option("--inventory-interval", type=float, default=15.0, show_default=True,
               metavar="SECONDS")
 @click.option("--max-tasks", type=int, default=4, show_default=True,
               help="VMs this node backs up at once (the server's job limits apply too).")
 def agent(server: str, token: str | None, connect: str, ca: Path | None, state_dir: Path,
-          node: str | None, scratch_dir: Path | None, heartbeat: float,
-          inventory_interval: float, max_tasks: int) -> None:
+          node: str | None, scratch_dir: Path | None, libvirt_admin: str | None,
+          heartbeat: float, inventory_interval: float, max_tasks: int) -> None:
     """Run the kura agent of this node: report inventory, run dispatched backups.
 
     The first start enrols with a one-time token from `kura server token create
@@ -59,6 +63,7 @@ def agent(server: str, token: str | None, connect: str, ca: Path | None, state_d
     """
     from kura.agent import enrol
     from kura.agent.engine_runner import EngineRunner
+    from kura.agent.jobwatch import default_admin_uri
     from kura.agent.loop import Agent, AgentSettings
 
     if node is None:
@@ -74,7 +79,13 @@ def agent(server: str, token: str | None, connect: str, ca: Path | None, state_d
     client = creds.client()
     settings = AgentSettings(heartbeat_interval=heartbeat, inventory_interval=inventory_interval,
                              max_tasks=max_tasks)
-    worker = Agent(client, EngineRunner(connect, client, scratch_root=scratch_dir), settings)
+    admin = (None if libvirt_admin == "none"
+             else libvirt_admin or default_admin_uri(connect))
+    if admin is None:
+        log.warning("backups will not give way early to a migration waiting for them "
+                    "(no local libvirt admin socket; see --libvirt-admin)")
+    runner = EngineRunner(connect, client, scratch_root=scratch_dir, admin_uri=admin)
+    worker = Agent(client, runner, settings)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.warning("signal %d: stopping (running backups end cleanly)", signum)

@@ -448,11 +448,18 @@ def _cleanup(dom: Any, quiescer: Quiescer, view: PointInTimeView, new_cp: str | 
             quiescer.thaw()
         except KuraError as exc:
             log.error(str(exc))
+    deleted = False
+    if new_cp and not committed and view.started:
+        # While the job still runs: a migration waiting for the job starts the
+        # moment it ends, and the VM would take the checkpoint's bitmap along.
+        with contextlib.suppress(KuraError):
+            checkpoints.delete(dom, new_cp)
+            deleted = True
     try:
         view.end()
     except KuraError as exc:
         log.error(str(exc))
-    if new_cp and not committed:
+    if new_cp and not committed and not deleted:
         try:
             checkpoints.delete(dom, new_cp)
         except KuraError as exc:

@@ -168,12 +168,14 @@ class AgentProcess(_Child):
 
     def __init__(self, server_url: str, token: str, node: str, uri: str, state_dir: Path,
                  *, ca: Path | None = None, heartbeat: float = 1.0,
-                 inventory_interval: float = 2.0) -> None:
+                 inventory_interval: float = 2.0, libvirt_admin: str | None = None) -> None:
         self.args = ["-v", "agent", "--server", server_url, "--token", token, "--connect", uri,
                      "--node", node, "--state-dir", str(state_dir), "--heartbeat",
                      str(heartbeat), "--inventory-interval", str(inventory_interval)]
         if ca is not None:
             self.args += ["--ca", str(ca)]
+        if libvirt_admin is not None:
+            self.args += ["--libvirt-admin", libvirt_admin]
         self.state_dir = state_dir
         self.log = state_dir.parent / f"agent-{node}.log"
         self.proc: subprocess.Popen[bytes] | None = None
