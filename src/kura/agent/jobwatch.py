@@ -170,7 +170,8 @@ class JobWatch:
                     self._stop_watching()
 
     def _ours(self, item: str) -> bool:
-        return item in FILTERS or item.endswith(f":file:{self.path}")
+        # libvirt reports a filter back as a glob: 1:*conf.virdomainjob*
+        return item.replace("*", "") in FILTERS or item.endswith(f":file:{self.path}")
 
     def _start(self) -> None:
         if not self.admin_uri:

@@ -83,3 +83,10 @@ def test_the_tail_reads_whole_lines_as_they_are_appended(tmp_path: Path) -> None
 def test_only_local_connections_have_an_admin_uri() -> None:
     assert default_admin_uri("qemu+tcp://10.0.0.2/system") is None
     assert default_admin_uri("qemu+ssh://root@h/system") is None
+
+
+def test_a_killed_agents_settings_are_recognised_as_its_own(tmp_path: Path) -> None:
+    watch = JobWatch("libvirtd:///system", tmp_path)
+    assert watch._ours("1:*conf.virdomainjob*") and watch._ours("1:qemu.qemu_domainjob")
+    assert watch._ours(f"1:file:{watch.path}")
+    assert not watch._ours("1:*qemu*") and not watch._ours("3:file:/var/log/libvirt/libvirtd.log")
