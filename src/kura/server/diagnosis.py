@@ -27,7 +27,8 @@ def explain(err: ErrorInfo, node: str) -> str:
     msg = err.message.rstrip(".")
     if err.kind == "MigratedError":
         where = f" to {err.moved_to}" if err.moved_to else ""
-        return f"VM migrated from {node}{where} during backup; the backup on {node} was ended " \
+        how = "gave way to the migration and ended" if "gave way" in msg else "was ended"
+        return f"VM migrated from {node}{where} during backup; the backup on {node} {how} " \
                f"cleanly (no restore point)"
     if err.kind == "AgentLost":
         return f"lost contact with the agent on {node}: {msg}"
