@@ -127,6 +127,14 @@ class EngineRunner:
                    "config_store": {**d["config_store"], "domains": len(tree.vms)},
                    "errors": tree.errors})
 
+    def running_vms(self) -> frozenset[str]:
+        with self._hv() as hv:
+            try:
+                doms = hv.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(f"cannot list the running VMs: {exc}") from exc
+            return frozenset(str(d.UUIDString()) for d in doms)
+
     # ---- backup --------------------------------------------------------
 
     def _listener(self, ctx: TaskContext) -> Any:

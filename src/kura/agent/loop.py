@@ -5,7 +5,9 @@ Connection model: the agent always dials out. After enrolment (see
 
 * the **reporter** thread sends a heartbeat every few seconds and the node's
   full inventory every ``inventory_interval`` (and at once after a task saw the
-  VM migrate), so the server always knows where each VM runs;
+  VM migrate, or when the set of VMs running on the node changed since the last
+  heartbeat: a VM migrated in or out), so the server always knows where each VM
+  runs;
 * the **poll** loop long-polls the server for tasks, identifying this process
   by a random *instance* id, so the server can tell a restarted agent from a
   slow one and fail the tasks the old process never finished;
@@ -126,10 +128,15 @@ class Agent:
     def _report_loop(self) -> None:
         backoff = Backoff(self.settings.backoff_max)
         next_inventory = 0.0
+        running: frozenset[str] | None = None
         while not self.stop_event.is_set():
             try:
                 now = time.monotonic()
-                if now >= next_inventory or self._inventory_due.is_set():
+                # A VM that arrived (e.g. migrated in) or left is reported at once,
+                # so the server retries an interrupted backup on its new node quickly.
+                before, running = running, self._running_vms()
+                moved = before is not None and running is not None and running != before
+                if now >= next_inventory or self._inventory_due.is_set() or moved:
                     self._inventory_due.clear()
                     self.push_inventory()
                     next_inventory = now + self.settings.inventory_interval
@@ -145,6 +152,13 @@ class Agent:
                 wait = backoff.fail()
                 log.warning("cannot report to the server (%s); retrying in %.0f s", exc, wait)
             self._inventory_due.wait(wait)
+
+    def _running_vms(self) -> frozenset[str] | None:
+        try:
+            return self.runner.running_vms()
+        except KuraError as exc:
+            log.debug("cannot list the node's running VMs: %s", exc)
+            return None
 
     def push_inventory(self) -> None:
         report = self.runner.inventory()

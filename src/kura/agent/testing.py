@@ -78,6 +78,11 @@ class FakeRunner:
                                           storage_path=f"/{v.storage}")])
                 for v in mine])
 
+    def running_vms(self) -> frozenset[str]:
+        with self.cluster.lock:
+            return frozenset(v.uuid for v in self.cluster.vms.values()
+                             if v.node == self.node and v.state == "running")
+
     def _vm(self, ctx: TaskContext) -> FakeVm:
         vm = self.cluster.vms.get(ctx.payload["vm_uuid"])
         if vm is None or vm.node != self.node:
