@@ -151,9 +151,11 @@ class EngineRunner:
             else:
                 ctx.log(ev.message, "warning" if ev.kind == "warning" else
                         "error" if ev.kind == "error" else "info")
-            # Once: the engine's clean-up after the interrupt logs too, and must
-            # run to its end (thaw, end the job, delete the new checkpoint).
-            if ctx.cancel.is_set() and not raised[0]:
+            # A log line raises only once: the engine's clean-up after the interrupt
+            # logs too, and must run to its end (thaw, end the job, delete the new
+            # checkpoint). Work (a new phase, progress) is stopped every time.
+            if ctx.cancel.is_set() and (not raised[0]
+                                        or ev.kind in ("phase-start", "progress")):
                 raised[0] = True
                 raise Interrupted(f"backup stopped: {ctx.cancel_reason}")
         return listen

@@ -136,7 +136,8 @@ class JobWatch:
         digest = hashlib.sha256((admin_uri or "").encode()).hexdigest()[:10]
         self.path = log_dir / f"libvirt-jobs-{digest}.log"
         self.poll = poll
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the watchers
+        self._control = threading.Lock()  # the daemon's settings and the tail thread
         self._watchers: dict[int, tuple[str, Callable[[JobRequest], None]]] = {}
         self._next = 0
         self._thread: threading.Thread | None = None
@@ -158,6 +159,7 @@ class JobWatch:
             key = self._next
             self._next += 1
             self._watchers[key] = (vm, on_request)
+        with self._control:  # starting and stopping; the tail thread never takes it
             if self._thread is None and not self._broken and self.admin_uri:
                 self._start()
             active = self._thread is not None
@@ -166,7 +168,10 @@ class JobWatch:
         finally:
             with self._lock:
                 del self._watchers[key]
-                if not self._watchers and self._thread is not None:
+            with self._control:
+                with self._lock:
+                    idle = not self._watchers
+                if idle and self._thread is not None:
                     self._stop_watching()
 
     def _ours(self, item: str) -> bool:
