@@ -220,6 +220,9 @@ def test_agent_killed_server_killed_and_network_cut(site: Site,
     assert len(repo.list_snapshots(vm.uuid)) == 2
 
     # 3. The server dies mid-job and is restarted: the run is failed with that reason.
+    # New data again: the incremental's upload must last long enough for the kill.
+    vm.sh("dd if=/dev/urandom of=/data/kill.bin bs=1M count=48 2>/dev/null && sync",
+          timeout=120)
     run = c.run_job("j")
     killed = threading.Event()
 
@@ -238,6 +241,9 @@ def test_agent_killed_server_killed_and_network_cut(site: Site,
     _wait_placed(c, {vm.name: "node-a"})
     final = _finished(c, c.run_job("j").id)
     assert final.status == "succeeded", _log(c, final.id)
+    # ... incrementally: no fault above lost the last restore point's checkpoint
+    # (a commit whose answer the network cut lost used to delete it).
+    assert final.vms[0].result["kind"] == "incremental", _log(c, final.id)
     assert vm.agent_exec(["true"]) is not None  # guest answers: not left frozen
 
 
