@@ -39,7 +39,7 @@ Limits: debug messages are not a stable API (the pattern is checked against
 migration fails after 30 s as before); the admin socket is local, so the
 agent must run on the node as root (``--libvirt-admin``); an administrator's
 change of the daemon's log settings while a backup runs is undone when it
-ends.
+ends. The agent drops a killed predecessor's filter and output when it starts.
 """
 
 from __future__ import annotations
@@ -177,6 +177,25 @@ class JobWatch:
     def _ours(self, item: str) -> bool:
         # libvirt reports a filter back as a glob: 1:*conf.virdomainjob*
         return item.replace("*", "") in FILTERS or item.endswith(f":file:{self.path}")
+
+    def drop_leftovers(self) -> None:
+        """Remove this watch's filter and output if a killed agent left them (at start)."""
+        if not self.admin_uri:
+            return
+        daemon = DaemonLog(self.admin_uri)
+        with self._control:
+            if self._thread is not None:
+                return
+            try:
+                filters, outputs = daemon.get()
+                if any(self._ours(x) for x in (*filters, *outputs)):
+                    daemon.set([f for f in filters if not self._ours(f)],
+                               [o for o in outputs if not self._ours(o)])
+                    log.info("removed libvirt log settings left by a killed agent")
+            except HypervisorError as exc:
+                log.debug("cannot check libvirt's log settings: %s", exc)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
 
     def _start(self) -> None:
         if not self.admin_uri:

@@ -85,6 +85,7 @@ def agent(server: str, token: str | None, connect: str, ca: Path | None, state_d
         log.warning("backups will not give way early to a migration waiting for them "
                     "(no local libvirt admin socket; see --libvirt-admin)")
     runner = EngineRunner(connect, client, scratch_root=scratch_dir, admin_uri=admin)
+    runner.jobwatch.drop_leftovers()
     worker = Agent(client, runner, settings)
 
     def stop(signum: int, frame: FrameType | None) -> None:

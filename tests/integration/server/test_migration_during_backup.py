@@ -15,6 +15,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from kura.agent.jobwatch import DaemonLog, JobWatch
 from kura.agent.testing import wait_for
 from kura.hypervisor.view import DEFAULT_SCRATCH_ROOT
 from kura.lab import Lab, LabVM
@@ -117,3 +118,20 @@ def test_migration_waiting_for_a_backup_is_not_blocked(
     assert not _backing_up(dom_b)
     assert not list((DEFAULT_SCRATCH_ROOT / vm.uuid).glob("*"))
     assert vm.agent_command("guest-fsfreeze-status") == "thawed"
+
+
+def test_the_watch_restores_libvirts_log_settings(lab: Lab, tmp_path: Path) -> None:
+    admin = _admin_uri(lab, "node-a")
+    daemon = DaemonLog(admin)
+    before = daemon.get()
+    watch = JobWatch(admin, tmp_path)
+    with watch.watch("some-vm", lambda _r: None) as active:
+        assert active
+        filters, outputs = daemon.get()
+        assert "1:*conf.virdomainjob*" in filters and f"1:file:{watch.path}" in outputs
+        assert all(o in outputs for o in before[1])  # the daemon's own outputs stay
+    assert daemon.get() == before and not watch.path.exists()
+    # A killed agent's leftovers are dropped by the next agent's start.
+    daemon.set([*before[0], "1:conf.virdomainjob"], [*before[1], f"1:file:{watch.path}"])
+    JobWatch(admin, tmp_path).drop_leftovers()
+    assert daemon.get() == before
