@@ -28,7 +28,7 @@ import os
 import struct
 import threading
 
-from kura.repository.reader import GRANULE, nonzero_runs, pwritev_all
+from kura.repository.reader import GRANULE, nonzero_runs, pwritev_all, start_writeback
 
 CLUSTER_BITS = GRANULE.bit_length() - 1  # 64 KiB, QEMU's default
 REFCOUNT_ORDER = 4  # 16-bit refcounts, QEMU's default
@@ -99,6 +99,7 @@ class Qcow2Writer:
             self._next += count
         view = memoryview(data)
         pwritev_all(self.fd, [view[start:end] for start, end in runs], host * cluster)
+        start_writeback(self.fd, host * cluster, count * cluster)
         entries = [0] * self._clusters(len(data))
         for start, end in runs:
             for c in range(start // cluster, self._clusters(end)):
