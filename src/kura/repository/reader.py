@@ -9,9 +9,9 @@ cache of recently used chunks; ``iter_chunks`` streams the disk in order with a
 bounded window of chunks fetched in parallel.
 
 ``write_chunks`` is the restore loop every output format shares: worker
-threads each read, open and verify one chunk and hand its plaintext straight to
-a *sink* that writes it (no hand-off to a single writer thread, no copy);
-memory stays at about ``workers`` chunks. ``nonzero_runs`` finds the 64 KiB
+threads each take the next chunk, read, open and verify it and hand its
+plaintext straight to a *sink* that writes it (no hand-off to a single writer
+thread, no copy, no in-order window); memory stays at about ``workers`` chunks. ``nonzero_runs`` finds the 64 KiB
 granules of a chunk that hold data, so that writers leave the zero ones
 unwritten (holes) even inside data chunks: a chunk that an incremental backup
 re-read whole for a 1 MiB change is mostly zeros on a thin disk.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import queue
 import stat
 import threading
 import uuid
@@ -186,46 +187,68 @@ def write_chunks(reader: DiskReader, sink: ChunkSink, *, workers: int,
     """Read and verify every chunk on ``workers`` threads and pass it to ``sink``.
 
     ``sink(index, plaintext)`` runs on the worker thread that verified the
-    chunk, concurrently with other chunks, in no particular order. All-zero
-    chunks are passed (as None) only with ``zeros``; otherwise they are just
-    counted. Progress is reported in disk order from the calling thread. The
-    first exception (from reading, verifying or the sink) stops the restore
-    and is raised here once the running chunks have finished.
+    chunk, concurrently with other chunks, in no particular order: each worker
+    takes the next chunk as soon as it is done with one (no in-order window in
+    which a slow read stalls the others). All-zero chunks are passed (as None)
+    only with ``zeros``; otherwise they are not read, and counted in the
+    progress with the next data chunk (or at the end). The first exception
+    (from reading, verifying or the sink) stops the workers, and is raised here
+    once every worker has finished its chunk: the caller may close the output.
     """
-
-    def one(index: int) -> None:
-        sink(index, reader.read_chunk(index))
-
     size, chunk = reader.size, reader.chunk_size
-    window = max(1, 2 * workers)
-    with ThreadPoolExecutor(max_workers=max(1, workers),
-                            thread_name_prefix="kura-restore") as pool:
-        pending: deque[tuple[int, Future[None] | None]] = deque()  # None: a zero chunk
-        running = 0
+    todo: list[int] = []
+    lead: dict[int, int] = {}  # data chunk -> bytes of the zero chunks just before it
+    zero_run = 0
+    for index, chunk_id in enumerate(reader.ids):
+        if chunk_id == ZERO_CHUNK and not zeros:
+            zero_run += chunk_length(index, size, chunk)
+            continue
+        todo.append(index)
+        lead[index] = zero_run
+        zero_run = 0
+    next_todo = iter(todo)
+    take = threading.Lock()
+    stop = threading.Event()
+    done: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
 
-        def settle(limit: int) -> None:
-            nonlocal running
-            while pending and (pending[0][1] is None or running > limit):
-                index, fut = pending.popleft()
-                if fut is not None:
-                    running -= 1
-                    fut.result()
-                if progress:
-                    progress(chunk_length(index, size, chunk))
-
+    def work() -> None:
         try:
-            for index, chunk_id in enumerate(reader.ids):
-                if chunk_id == ZERO_CHUNK and not zeros:
-                    pending.append((index, None))
-                    continue
-                settle(window - 1)
-                pending.append((index, pool.submit(one, index)))
-                running += 1
-            settle(0)
+            while not stop.is_set():
+                with take:
+                    index = next(next_todo, None)
+                if index is None:
+                    break
+                sink(index, reader.read_chunk(index))
+                done.put(index)
+        except BaseException as exc:  # raised by the calling thread
+            stop.set()
+            done.put(exc)
         finally:
-            for _i, fut in pending:
-                if fut is not None:
-                    fut.cancel()
+            done.put(None)
+
+    threads = [threading.Thread(target=work, name=f"kura-restore-{n}", daemon=True)
+               for n in range(max(1, min(workers, len(todo))) if todo else 0)]
+    error: BaseException | None = None
+    try:
+        for t in threads:
+            t.start()
+        running = len(threads)
+        while running:
+            item = done.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                error = error or item
+            elif progress and error is None:
+                progress(lead[item] + chunk_length(item, size, chunk))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    if error is not None:
+        raise error
+    if progress and zero_run:
+        progress(zero_run)
 
 
 def _open_target(output: Path) -> tuple[int, Path | None, bool]:
