@@ -11,10 +11,12 @@ bounded window of chunks fetched in parallel.
 ``write_chunks`` is the restore loop every output format shares: worker
 threads each take the next chunk, read, open and verify it and hand its
 plaintext straight to a *sink* that writes it (no hand-off to a single writer
-thread, no copy, no in-order window); memory stays at about ``workers`` chunks. ``nonzero_runs`` finds the 64 KiB
-granules of a chunk that hold data, so that writers leave the zero ones
-unwritten (holes) even inside data chunks: a chunk that an incremental backup
-re-read whole for a 1 MiB change is mostly zeros on a thin disk.
+thread, no copy, no in-order window); memory stays at about ``workers`` chunks.
+``nonzero_runs`` finds the 64 KiB granules of a chunk that hold data, so that
+writers leave the zero ones unwritten (holes) even inside data chunks: a chunk
+that an incremental backup re-read whole for a 1 MiB change is mostly zeros on
+a thin disk. ``start_writeback`` lets the disk write while later chunks are
+still being verified.
 
 ``restore_disk`` writes a disk to a raw file: created under a temporary name
 beside the target, sized with ``ftruncate`` so all-zero chunks and granules
