@@ -206,6 +206,11 @@ def _run_locked(hv: Hypervisor, repo: Repository, ref: str, options: BackupOptio
                                                               node.hostname, info.state)
         _check_not_migrated(dom, info)
         live = _check_state(info)
+        # The guard comes up (a Python process) while the rest of this phase runs;
+        # the live path waits for it before it freezes or starts a backup job.
+        guard = Guard(hv.uri, info.uuid, wait=False) if live and options.guard else None
+        if guard is not None:
+            held.callback(guard.close)  # no-op once the live path has closed it
         sizes = {d.target: disk_sizes(dom, d)[0] for d in info.disks}
         if live:
             for line in clear_leftovers(dom, options.scratch_root, info.uuid):
@@ -232,7 +237,7 @@ def _run_locked(hv: Hypervisor, repo: Repository, ref: str, options: BackupOptio
         with log.phase("configuration"):
             config.capture(w, dom, info, log)
         if live:
-            _live(hv, dom, info, plan, sizes, w, options, log, result, node)
+            _live(dom, info, plan, sizes, w, options, log, result, node, guard)
         else:
             _offline(dom, info, plan, sizes, w, options, log, result, node)
         result.ok = True
@@ -272,14 +277,15 @@ def _check_state(info: DomainInfo) -> bool:
                           hint="wait until it is running, paused or shut off")
 
 
-def _live(hv: Hypervisor, dom: Any, info: DomainInfo, plan: ChainPlan, sizes: dict[str, int],
+def _live(dom: Any, info: DomainInfo, plan: ChainPlan, sizes: dict[str, int],
           w: SnapshotWriter, options: BackupOptions, log: JobLog, result: BackupResult,
-          node: NodeIdentity) -> None:
+          node: NodeIdentity, guard: Guard | None) -> None:
     tracked = [d for d in info.disks if d.trackable]
     new_cp = checkpoints.checkpoint_name(w.id) if tracked else None
     cp_xml = (checkpoints.new_checkpoint_xml(new_cp, info, f"kura restore point {w.id}")
               if new_cp else None)
-    guard = Guard(hv.uri, info.uuid) if options.guard else None
+    if guard is not None:
+        guard.wait_ready()  # raises (nothing frozen or started yet) if it did not come up
     try:
         directory = job_dir(options.scratch_root, info.uuid)
     except OSError as exc:

@@ -52,7 +52,15 @@ from kura.errors import HypervisorError
 class Guard:
     """The parent's handle on a guard process (one per VM backup)."""
 
-    def __init__(self, uri: str, uuid: str, *, start_timeout: float = 20.0) -> None:
+    def __init__(self, uri: str, uuid: str, *, start_timeout: float = 20.0,
+                 wait: bool = True) -> None:
+        """Start the guard; with ``wait=False`` call :meth:`wait_ready` before relying on it.
+
+        A Python process that imports libvirt and connects takes a tenth of a second
+        or more: the engine starts it early and lets it come up while it does other work.
+        """
+        self._start_timeout = start_timeout
+        self._ready = False
         env = dict(os.environ)
         src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
@@ -64,10 +72,19 @@ class Guard:
             )
         except OSError as exc:
             raise HypervisorError(f"cannot start the backup guard process: {exc}") from exc
-        out = self._proc.stdout
-        ready, _, _ = select.select([out], [], [], start_timeout) if out else ([], [], [])
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the guard has its libvirt connection (raises if it has none)."""
+        if self._ready:
+            return
+        out = self._proc.stdout if self._proc else None
+        ready, _, _ = select.select([out], [], [], self._start_timeout) if out else ([], [], [])
         line = out.readline().strip() if ready and out else ""
-        if line != "ready":
+        if line == "ready":
+            self._ready = True
+        else:
             self._kill()
             raise HypervisorError(
                 f"the backup guard process did not start ({line or 'no answer'})",
