@@ -353,7 +353,7 @@ class Suite:
         kind = res[0].get("kind")
         self.r.add(Row(G2I, "kura", "kura", [ki.seconds], changed, rss=ki.rss,
                        stored=kura.stored() - stored_full, read=res[0].get("bytes_read"),
-                       note=f"kind: {kind}; 4 MiB chunks touching a change are read whole; "
+                       note=f"kind: {kind}; whole chunks touching a change are read; "
                             f"{engine_note(res)}"))
         vi = vnb.backup("s2v", vout, "inc")
         inc_bytes = VirtNbdBackup.data_bytes(vout, "*.inc.*.data")

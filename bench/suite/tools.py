@@ -4,7 +4,7 @@ Settings, chosen to be what a KVM user would type and to compare like with
 like:
 
 - **kura**: ``kura backup VM --connect URI`` into a repository made by ``kura
-  repo init`` (defaults: AES-256-GCM, zstd level 3, 4 MiB chunks), with the
+  repo init`` (defaults: AES-256-GCM, zstd level 3, 1 MiB chunks), with the
   guest filesystems frozen when the guest agent answers (``--consistency
   prefer``, the default); ``kura restore VM --disk vdb --output F --format
   qcow2``. ``--json`` output gives bytes read and stored.

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kura.cli.common import console, emit_json, err_console, human_bytes, read_passphrase, state
 from kura.cli.images import open_repo, progress_bar
 from kura.errors import IntegrityError, UsageError
-from kura.repository import Repository
+from kura.repository import DEFAULT_CHUNK_SIZE, Repository
 
 
 @click.group("repo")
@@ -22,8 +22,8 @@ def repo() -> None:
 @repo.command("init")
 @click.option("--encryption", type=click.Choice(["aes-256-gcm", "none"]), default="aes-256-gcm",
               show_default=True, help="Encrypt chunks and metadata (AES-256-GCM) or not.")
-@click.option("--chunk-size", type=int, default=4 << 20, show_default=True, metavar="BYTES",
-              help="Fixed chunk size (power of two, 64 KiB to 64 MiB).")
+@click.option("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, show_default=True,
+              metavar="BYTES", help="Fixed chunk size (power of two, 64 KiB to 64 MiB).")
 @click.option("--compression-level", type=click.IntRange(0, 22), default=3, show_default=True,
               help="zstd level (0 = no compression).")
 @click.pass_context

@@ -16,6 +16,7 @@ in docs/design.md; each module's docstring details its own part:
 """
 
 from kura.repository.backend import Backend, LocalBackend, ObjectNotFound, ObjectStat, open_backend
+from kura.repository.config import DEFAULT_CHUNK_SIZE
 from kura.repository.gc import GcResult
 from kura.repository.index import ZERO_CHUNK
 from kura.repository.manifest import ConfigEntry, DiskEntry, Manifest, SourceRef
@@ -26,6 +27,7 @@ from kura.repository.verify import Damage, VerifyReport
 from kura.repository.writer import ChunkSink, DiskWriter, SnapshotWriter, StoreSink
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "ZERO_CHUNK",
     "Backend",
     "ChunkSink",

@@ -35,7 +35,14 @@ from kura.repository import gc as gc_mod
 from kura.repository import prune as prune_mod
 from kura.repository import verify as verify_mod
 from kura.repository.backend import Backend, LocalBackend, ObjectNotFound, open_backend
-from kura.repository.config import CONFIG, MAX_CHUNK, MIN_CHUNK, RepoConfig, read_config
+from kura.repository.config import (
+    CONFIG,
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK,
+    MIN_CHUNK,
+    RepoConfig,
+    read_config,
+)
 from kura.repository.crypto import (
     DEFAULT_ID_ALGORITHM,
     DEFAULT_SCRYPT_N,
@@ -76,7 +83,7 @@ class Repository:
 
     @classmethod
     def init(cls, location: str | os.PathLike[str] | Backend, *, passphrase: bytes | None,
-             encryption: str = "aes-256-gcm", chunk_size: int = 4 << 20,
+             encryption: str = "aes-256-gcm", chunk_size: int = DEFAULT_CHUNK_SIZE,
              compression_level: int = 3, scrypt_n: int = DEFAULT_SCRYPT_N,
              id_algorithm: str = DEFAULT_ID_ALGORITHM) -> Repository:
         """Create a repository; the passphrase is needed unless ``encryption='none'``.
