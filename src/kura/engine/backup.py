@@ -356,7 +356,8 @@ def _live(dom: Any, info: DomainInfo, plan: ChainPlan, sizes: dict[str, int],
                      + (f"; checkpoint {new_cp} is the base of the next incremental"
                         if new_cp else ""))
             view.end()
-            for gone in checkpoints.remove_strays(dom, info, {new_cp} if new_cp else set()):
+            for gone in checkpoints.remove_strays(dom, info, {new_cp} if new_cp else set(),
+                                                  bitmaps=False):
                 log.info(f"deleted older checkpoint {gone}")
         if guard is not None:
             guard.done()
@@ -393,7 +394,7 @@ def _offline(dom: Any, info: DomainInfo, plan: ChainPlan, sizes: dict[str, int],
                      + (f"; checkpoint {new_cp} is the base of the next incremental"
                         if new_cp else ""))
             if new_cp:
-                for gone in checkpoints.remove_strays(dom, info, {new_cp}):
+                for gone in checkpoints.remove_strays(dom, info, {new_cp}, bitmaps=False):
                     log.info(f"deleted older checkpoint {gone}")
     finally:
         if new_cp and not committed:

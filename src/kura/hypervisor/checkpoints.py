@@ -263,13 +263,21 @@ def bitmap_problem(dom: Any, info: DomainInfo, stored: StoredCheckpoint,
 _KURA_RE = re.compile(r"^kura-")
 
 
-def remove_strays(dom: Any, info: DomainInfo, keep: set[str]) -> list[str]:
-    """Delete every ``kura-*`` checkpoint and bitmap except ``keep``; returns what went."""
+def remove_strays(dom: Any, info: DomainInfo, keep: set[str], *,
+                  bitmaps: bool = True) -> list[str]:
+    """Delete every ``kura-*`` checkpoint and bitmap except ``keep``; returns what went.
+
+    ``bitmaps=False`` skips the search for bitmaps without checkpoint metadata (a QMP
+    query, or ``qemu-img info`` per disk): at the end of a backup, whose start already
+    searched, only the checkpoints need to go.
+    """
     removed: list[str] = []
     for name in names(dom):
         if _KURA_RE.match(name) and name not in keep:
             delete(dom, name, info)
             removed.append(name)
+    if not bitmaps:
+        return removed
     # Bitmaps without metadata (left by a node that no longer knows them).
     running = info.state in ("running", "paused")
     try:
