@@ -47,10 +47,13 @@ def backup(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, connect: str
         return
     if not vms and not all_vms:
         raise UsageError("name one or more VMs, or use --all, or --image FILE")
+    from kura.cli import images
+
+    repo = images.open_repo_soon(ctx)  # the key derivation overlaps the imports below
     from kura.cli import vms as vms_cli
 
     vms_cli.backup_vms_command(ctx, vms=list(vms), all_vms=all_vms, connect=connect,
-                               consistency=consistency, full=full)
+                               consistency=consistency, full=full, repo=repo)
 
 
 @click.command("restore")

@@ -4,13 +4,16 @@
 which calls ``backup_image_command``, ``resolve_restore_target`` and
 ``restore_image_command`` here. ``open_repo`` is the one way CLI modules open
 the repository: ``--repo``/``KURA_REPO``/default, and the passphrase only when
-the repository is encrypted.
+the repository is encrypted. ``open_repo_soon`` does the same on a thread, so
+that the key derivation (scrypt, a tenth of a second, outside the GIL) overlaps
+with the imports and libvirt work of ``kura backup VM``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,19 @@ def open_repo(ctx: click.Context | None = None) -> Repository:
     location = st.repo_location
     passphrase = read_passphrase(st) if Repository.needs_passphrase(location) else None
     return Repository.open(location, passphrase=passphrase)
+
+
+def open_repo_soon(ctx: click.Context | None = None) -> Future[Repository]:
+    """Like :func:`open_repo`, but the key is unwrapped on a thread (``.result()`` raises
+    what ``open_repo`` would). The passphrase is read (maybe prompted) here, first."""
+    st = state(ctx)
+    location = st.repo_location
+    passphrase = read_passphrase(st) if Repository.needs_passphrase(location) else None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="kura-repo-open")
+    try:
+        return pool.submit(Repository.open, location, passphrase=passphrase)
+    finally:
+        pool.shutdown(wait=False)
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -35,6 +36,7 @@ from kura.engine.inventory import NodeTree, describe_node
 from kura.engine.restore import RestoreOptions, restore_disk_file, restore_vm
 from kura.errors import Interrupted, KuraError, UsageError
 from kura.hypervisor.connection import DEFAULT_URI, open_connection
+from kura.repository import Repository
 
 
 class JobPrinter:
@@ -92,12 +94,14 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 
 def backup_vms_command(ctx: click.Context, *, vms: list[str], all_vms: bool, connect: str,
-                       consistency: str, full: bool) -> None:
+                       consistency: str, full: bool,
+                       repo: Future[Repository] | None = None) -> None:
+    """``repo``: the repository being opened (``images.open_repo_soon``), else opened here."""
     from kura.cli.images import open_repo
 
     st = state(ctx)
     options = BackupOptions(consistency=consistency, full=full)
-    repo = open_repo(ctx)
+    repository = repo.result() if repo is not None else open_repo(ctx)
     results: list[BackupResult] = []
     with open_connection(connect) as hv:
         refs = list(vms)
@@ -115,7 +119,7 @@ def backup_vms_command(ctx: click.Context, *, vms: list[str], all_vms: bool, con
             printer = JobPrinter(progress, quiet=st.json)
             for ref in refs:
                 try:
-                    results.append(backup_vm(hv, repo, ref, options, [printer]))
+                    results.append(backup_vm(hv, repository, ref, options, [printer]))
                 except KeyboardInterrupt:
                     raise Interrupted(f"backup of {ref} interrupted; nothing was kept") from None
                 except KuraError as exc:
