@@ -50,3 +50,22 @@ def test_start_up_does_not_import_the_server_stack() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_command_imports_only_its_own_modules() -> None:
+    code = ("import sys, kura.cli.main as m; m.main(['backup', '--help']); "
+            "print(sorted(n for n in ('kura.cli.lab', 'kura.cli.server', 'kura.cli.jobs', "
+            "'kura.cli.agent', 'kura.lab') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_commands_with_a_server_mode_get_it_however_they_are_reached(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("ls", "snapshots", "prune", "restore"):
+        assert main([name, "--help"]) == 0
+        assert "--server" in capsys.readouterr().out, name
+    assert main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert all(c in listing for c in ("backup", "lab", "server", "agent", "job", "repo"))

@@ -7,7 +7,11 @@ import threading
 import time
 from pathlib import Path
 
-from kura.hypervisor.guard import _serve
+import libvirt
+import pytest
+
+from kura.errors import HypervisorError
+from kura.hypervisor.guard import Guard, _serve
 
 
 class FakeDomain:
@@ -80,3 +84,19 @@ def test_checkpoint_is_kept_once_the_commit_has_started(tmp_path: Path) -> None:
     t.join(5)
     assert dom.calls == ["abort"]  # the job ends, the checkpoint stays
     assert not scratch.exists()
+
+
+def test_a_guard_started_early_is_waited_for_before_use() -> None:
+    conn = libvirt.open("test:///default")  # libvirt's built-in test driver: no daemon
+    try:
+        uuid = str(conn.listAllDomains(0)[0].UUIDString())
+    finally:
+        conn.close()
+    guard = Guard("test:///default", uuid, wait=False)
+    guard.wait_ready()
+    guard.wait_ready()  # idempotent
+    guard.done()
+    lost = Guard("test:///default", "00000000-0000-0000-0000-000000000000", wait=False)
+    with pytest.raises(HypervisorError, match="did not start"):
+        lost.wait_ready()
+    lost.close()
