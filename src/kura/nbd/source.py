@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -144,9 +145,11 @@ class NbdSource:
     Use as a context manager; :meth:`close` also stops a private qemu-nbd.
     """
 
-    def __init__(self, handle: Any, *, bitmap: str | None, description: str) -> None:
+    def __init__(self, handle: Any, *, bitmap: str | None, description: str,
+                 address: tuple[Path, str] | None = None) -> None:
         self._h = handle
         self._bitmap = bitmap
+        self._address = address  # (socket, export) of a shared export
         self.description = description
         self.size: int = int(handle.get_size())
         if bitmap is not None and not handle.can_meta_context(DIRTY_PREFIX + bitmap):
@@ -220,7 +223,32 @@ class NbdSource:
         except nbd.Error as exc:
             raise HypervisorError(f"cannot connect to NBD export {export!r} at {socket}: {exc}") \
                 from exc
-        return cls(h, bitmap=bitmap, description=f"export {export}")
+        return cls(h, bitmap=bitmap, description=f"export {export}", address=(socket, export))
+
+    def connect_again(self, timeout: float = 5.0) -> NbdSource | None:
+        """Another connection to the same export, for reading in parallel; None
+        when there can be none (a private qemu-nbd serves one client) or the
+        server refuses it or does not answer within ``timeout`` seconds (a full
+        server may accept the socket and never start the handshake). The new
+        connection reads data only (no bitmap)."""
+        if self._address is None:
+            return None
+        socket, export = self._address
+        nbd = _nbd()
+        h = self._handle(None)
+        h.set_export_name(export)
+        deadline = time.monotonic() + timeout
+        try:
+            h.aio_connect_unix(str(socket))
+            while not h.aio_is_ready():
+                left = deadline - time.monotonic()
+                if h.aio_is_dead() or h.aio_is_closed() or left <= 0:
+                    return None  # dropping the handle closes its socket
+                h.poll(max(1, int(left * 1000)))
+        except nbd.Error:
+            return None
+        return NbdSource(h, bitmap=None, description=self.description,
+                         address=self._address)
 
     # -- life cycle --------------------------------------------------------
 

@@ -53,15 +53,17 @@ from kura.repository.store import RepoStore, chunk_name, index_name, manifest_na
 
 log = logging.getLogger(__name__)
 
-_ZEROS: dict[int, bytes] = {}
+_ZEROS: dict[int, bytearray] = {}
 
 
 def is_zero(data: bytes | memoryview) -> bool:
     n = len(data)
     z = _ZEROS.get(n)
     if z is None:
-        z = _ZEROS[n] = bytes(n)
-    return data == z
+        z = _ZEROS[n] = bytearray(n)  # never written to
+    # bytearray == any buffer is one memcmp; memoryview == bytes compares byte by
+    # byte (6 ms for 4 MiB of zeroes instead of 0.1 ms).
+    return z == data
 
 
 class ChunkSink(Protocol):

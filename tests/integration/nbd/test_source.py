@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,28 @@ def test_abandoned_read_gives_its_buffers_back(tmp_path: Path) -> None:
         assert _POOL.free_count() == before
         # The handle is still usable.
         assert dict(src.read_chunks([7], 4 * MiB))[7] == b"z" * 4 * MiB
+
+
+def test_second_connection_to_a_shared_export(tmp_path: Path) -> None:
+    path = _image(tmp_path, "qcow2")
+    with NbdSource.open_image(path) as private:
+        assert private.connect_again() is None  # a private qemu-nbd serves one client
+    sock = tmp_path / "nbd.sock"
+    server = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-k", str(sock), "-e", "2",
+                               "-t", str(path)])
+    try:
+        for _ in range(500):
+            if sock.exists():
+                break
+            time.sleep(0.01)
+        with NbdSource.connect_unix(sock, "") as src:
+            other = src.connect_again()
+            assert other is not None
+            with other:
+                assert other.size == src.size
+                assert dict(other.read_chunks([24], 4 * MiB)) == dict(
+                    src.read_chunks([24], 4 * MiB))
+                assert other.connect_again(timeout=1) is None  # the server takes two clients
+    finally:
+        server.terminate()
+        server.wait()

@@ -21,17 +21,28 @@ CS = TEST_CHUNK
 class FakeSource:
     """``read_buffers`` over bytes in memory, with pooled, scribbled-on-release buffers."""
 
-    def __init__(self, data: bytes, *, fail_at: int | None = None) -> None:
+    def __init__(self, data: bytes, *, fail_at: int | None = None,
+                 second: FakeSource | None = None) -> None:
         self.data = data
+        self.second = second
+        self.closed = False
         self.size = len(data)
         self.fail_at = fail_at
         self.free: list[bytearray] = []
         self.out = 0
         self.made = 0
 
+    def connect_again(self) -> FakeSource | None:
+        return self.second
+
+    def close(self) -> None:
+        self.closed = True
+
     def read_buffers(self, indexes: Iterable[int], chunk_size: int, *,
                      inflight: int = 6) -> Iterator[tuple[int, memoryview, Callable[[], None]]]:
+        self.read: list[int] = []
         for idx in indexes:
+            self.read.append(idx)
             if idx == self.fail_at:
                 raise HypervisorError("export went away")
             piece = self.data[idx * chunk_size:(idx + 1) * chunk_size]
@@ -61,19 +72,29 @@ def _data() -> bytes:
     return b"".join([same, bytes(CS), os.urandom(CS), b"x" * CS, same] * 4) + os.urandom(100)
 
 
-def test_copy_stores_every_chunk_and_gives_every_buffer_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("connections", [1, 2])
+def test_copy_stores_every_chunk_and_gives_every_buffer_back(tmp_path: Path,
+                                                             connections: int) -> None:
     repo = make_repo(tmp_path / "r")
     data = _data()
-    src = FakeSource(data)
+    second = FakeSource(data)
+    src = FakeSource(data, second=second)
     indexes = list(range(-(-len(data) // CS)))
     plan = datapath.ReadPlan("vda", "full", indexes, CS, len(data))
     seen: list[int] = []
     with repo.begin_snapshot(SourceRef("image", "i", "i"), node="n", workers=2) as w:
         dw = w.add_disk("vda", len(data))
-        done = datapath.copy(cast(NbdSource, src), dw, plan, inflight=3, on_bytes=seen.append)
+        done = datapath.copy(cast(NbdSource, src), dw, plan, inflight=3, on_bytes=seen.append,
+                             connections=connections)
         m = w.commit()
-    assert done == len(data) == sum(seen) and src.out == 0
-    assert src.made <= 3 + 1 + 1 + 2 * 2 + 1  # reader window, queue, writer window
+    assert done == len(data) == sum(seen) and src.out == second.out == 0
+    assert src.made + second.made <= 4 + 3 + 1 + 2 * 2 + 2  # readers, queue, writer window
+    if connections == 2:  # each connection read one half, in order; the second is closed
+        assert src.read == indexes[:len(indexes) // 2] and second.closed
+        assert second.read == indexes[len(indexes) // 2:]
+    else:
+        assert src.read == indexes and not hasattr(second, "read")
+    assert not src.closed
     assert repo.open_disk(m, "vda").pread(0, len(data)) == data
 
 
@@ -81,7 +102,8 @@ def test_copy_stores_every_chunk_and_gives_every_buffer_back(tmp_path: Path) -> 
 def test_copy_gives_buffers_back_when_it_fails(tmp_path: Path, fail: str) -> None:
     repo = make_repo(tmp_path / "r")
     data = _data()
-    src = FakeSource(data, fail_at=12 if fail == "reader" else None)
+    second = FakeSource(data, fail_at=12 if fail == "reader" else None)
+    src = FakeSource(data, second=second)
     plan = datapath.ReadPlan("vda", "full", list(range(len(data) // CS)), CS, len(data))
 
     class Broken(StoreSink):
@@ -95,4 +117,4 @@ def test_copy_gives_buffers_back_when_it_fails(tmp_path: Path, fail: str) -> Non
             datapath.copy(cast(NbdSource, src), dw, plan, inflight=3)
             dw.finish()
         w.abort()
-    assert src.out == 0
+    assert src.out == second.out == 0 and second.closed
