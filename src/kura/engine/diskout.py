@@ -54,7 +54,7 @@ def write_disk(repo: Repository, manifest: Manifest, disk: str, output: Path, fm
         repo.restore_disk(manifest, disk, output, progress=progress, workers=workers)
         return entry.size
     reader = repo.open_disk(manifest, disk)
-    data = [i for i, chunk_id in enumerate(reader.ids) if chunk_id != ZERO_CHUNK]
+    data = (i for i, chunk_id in enumerate(reader.ids) if chunk_id != ZERO_CHUNK)
     tmp = output.parent / f".{output.name}.kura-{uuid.uuid4().hex[:8]}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

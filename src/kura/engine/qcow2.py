@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Iterable
 
 from kura.repository.reader import GRANULE, nonzero_runs, pwritev_all, start_writeback
 
@@ -47,7 +48,7 @@ class Qcow2Writer:
     L2 tables and refcount blocks with small images).
     """
 
-    def __init__(self, fd: int, size: int, chunk_size: int, data_chunks: list[int], *,
+    def __init__(self, fd: int, size: int, chunk_size: int, data_chunks: Iterable[int], *,
                  cluster_bits: int = CLUSTER_BITS) -> None:
         self.cluster = cluster = 1 << cluster_bits
         self.cluster_bits = cluster_bits
@@ -61,9 +62,12 @@ class Qcow2Writer:
         self.chunk_size = chunk_size
         self.l1_size = max(1, -(-self._clusters(self.size) // self.l2_entries))
         chunks_per_l2 = self.l2_entries * cluster // chunk_size
-        tables = sorted({i // chunks_per_l2 for i in data_chunks})
-        data_max = sum(self._clusters(min(chunk_size, size - i * chunk_size))
-                       for i in data_chunks)
+        used: set[int] = set()
+        data_max = 0  # data clusters if no cluster of the data chunks were zero
+        for i in data_chunks:
+            used.add(i // chunks_per_l2)
+            data_max += self._clusters(min(chunk_size, size - i * chunk_size))
+        tables = sorted(used)
         l1_clusters = self._clusters(self.l1_size * 8)
         # refcount blocks must cover every cluster, themselves and their table included
         blocks = table_clusters = 1

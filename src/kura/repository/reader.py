@@ -34,6 +34,7 @@ import queue
 import stat
 import threading
 import uuid
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -198,17 +199,17 @@ def write_chunks(reader: DiskReader, sink: ChunkSink, *, workers: int,
     once every worker has finished its chunk: the caller may close the output.
     """
     size, chunk = reader.size, reader.chunk_size
-    todo: list[int] = []
-    lead: dict[int, int] = {}  # data chunk -> bytes of the zero chunks just before it
+    todo = array("q")  # the chunks to read, in disk order
+    lead = array("q")  # for each: bytes of the zero chunks just before it
     zero_run = 0
     for index, chunk_id in enumerate(reader.ids):
         if chunk_id == ZERO_CHUNK and not zeros:
             zero_run += chunk_length(index, size, chunk)
             continue
         todo.append(index)
-        lead[index] = zero_run
+        lead.append(zero_run)
         zero_run = 0
-    next_todo = iter(todo)
+    next_todo = iter(range(len(todo)))
     take = threading.Lock()
     stop = threading.Event()
     done: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
@@ -217,11 +218,11 @@ def write_chunks(reader: DiskReader, sink: ChunkSink, *, workers: int,
         try:
             while not stop.is_set():
                 with take:
-                    index = next(next_todo, None)
-                if index is None:
+                    n = next(next_todo, None)
+                if n is None:
                     break
-                sink(index, reader.read_chunk(index))
-                done.put(index)
+                sink(todo[n], reader.read_chunk(todo[n]))
+                done.put(n)
         except BaseException as exc:  # raised by the calling thread
             stop.set()
             done.put(exc)
@@ -242,7 +243,7 @@ def write_chunks(reader: DiskReader, sink: ChunkSink, *, workers: int,
             elif isinstance(item, BaseException):
                 error = error or item
             elif progress and error is None:
-                progress(lead[item] + chunk_length(item, size, chunk))
+                progress(lead[item] + chunk_length(todo[item], size, chunk))
     finally:
         stop.set()
         for t in threads:
