@@ -9,6 +9,7 @@ import errno
 import os
 import random
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from kura.engine.diskout import write_disk
 from kura.engine.qcow2 import Qcow2Writer
 from kura.errors import IntegrityError, StorageFull
 from kura.repository import Repository
-from kura.repository.reader import nonzero_runs
+from kura.repository.reader import nonzero_runs, write_chunks
 from kura.repository.testing import make_repo
 from kura.repository.testing import write_disk as store_disk
 
@@ -167,3 +168,31 @@ def test_full_disk_is_clear_and_leaves_nothing(tmp_path: Path,
         with pytest.raises(StorageFull, match="no space left"):
             write_disk(repo, m, "disk", out_dir / f"d.{fmt}", fmt)
         assert list(out_dir.iterdir()) == []
+
+
+def test_write_chunks_progress_order_free_and_first_error_stops(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", chunk_size=CS)
+    data = bytes(CS) + os.urandom(3 * CS) + bytes(2 * CS) + os.urandom(CS) + bytes(CS)
+    m = store_disk(repo, "img", data)
+    reader = repo.open_disk(m, "disk")
+    seen: list[int] = []
+    got: dict[int, bytes | None] = {}
+    write_chunks(reader, got.__setitem__, workers=3, progress=seen.append)
+    assert sum(seen) == len(data) and sorted(got) == [1, 2, 3, 6]
+    assert all(got[i] == data[i * CS:(i + 1) * CS] for i in got)
+    # with zeros: every chunk reaches the sink, zero ones as None
+    got.clear()
+    write_chunks(reader, got.__setitem__, workers=2, zeros=True)
+    assert sorted(got) == list(range(8)) and got[0] is None and got[7] is None
+
+    threads = threading.active_count()
+    calls: list[int] = []
+
+    def failing(index: int, plain: bytes | None) -> None:
+        calls.append(index)
+        raise OSError(errno.EIO, "boom")
+
+    with pytest.raises(OSError, match="boom"):
+        write_chunks(reader, failing, workers=2, zeros=True)
+    assert len(calls) <= 2  # each worker stops after its first failure at the latest
+    assert threading.active_count() == threads  # every worker has finished
