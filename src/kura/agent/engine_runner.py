@@ -14,7 +14,7 @@ this module, so adapting to the engine's API touches one file.
   point). When the VM left this node, the error becomes ``MigratedError``
   naming the node it went to if this node's libvirt knows. A migration (or
   save, snapshot, dump) that waits for the backup's libvirt job is noticed by
-  :mod:`kura.agent.jobwatch`; the backup then gives way at once (ended
+  :mod:`kura.hypervisor.jobwatch`; the backup then gives way at once (ended
   cleanly), and, once the VM has left, reports ``MigratedError`` so that the
   server retries it on the new node.
 * **preflight** — finds the VM, pings its guest agent, asks the chain planner
@@ -38,7 +38,6 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from kura.agent.jobwatch import JobRequest, JobWatch
 from kura.agent.remote import RemoteSession, open_session
 from kura.agent.runner import TaskContext
 from kura.engine import chain
@@ -55,6 +54,7 @@ from kura.errors import (
 )
 from kura.hypervisor.connection import Hypervisor, open_connection
 from kura.hypervisor.domain import describe, disk_sizes
+from kura.hypervisor.jobwatch import JobRequest, JobWatch
 from kura.hypervisor.view import DEFAULT_SCRATCH_ROOT
 from kura.server import schemas
 from kura.server.client import ServerClient

@@ -63,8 +63,8 @@ def agent(server: str, token: str | None, connect: str, ca: Path | None, state_d
     """
     from kura.agent import enrol
     from kura.agent.engine_runner import EngineRunner
-    from kura.agent.jobwatch import default_admin_uri
     from kura.agent.loop import Agent, AgentSettings
+    from kura.hypervisor.jobwatch import default_admin_uri
 
     if node is None:
         try:

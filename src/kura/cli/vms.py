@@ -9,6 +9,7 @@ results, as JSON, on stdout.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from kura.engine.inventory import NodeTree, describe_node
 from kura.engine.restore import RestoreOptions, restore_disk_file, restore_vm
 from kura.errors import Interrupted, KuraError, UsageError
 from kura.hypervisor.connection import DEFAULT_URI, open_connection
+from kura.hypervisor.jobwatch import JobRequest, JobWatch, default_admin_uri
 from kura.repository import Repository
 
 
@@ -115,11 +117,18 @@ def backup_vms_command(ctx: click.Context, *, vms: list[str], all_vms: bool, con
                 else:
                     console.print(f"no VMs on node {connect}: nothing to back up")
                 return
+        watch = JobWatch(default_admin_uri(connect), options.scratch_root)
         with byte_progress(enabled=not st.json) as progress, _terminate_as_interrupt():
             printer = JobPrinter(progress, quiet=st.json)
             for ref in refs:
                 try:
-                    results.append(backup_vm(hv, repository, ref, options, [printer]))
+                    dom = hv.find(ref)
+                    gw = _GiveWay()
+                    watching = (watch.watch(str(dom.name()), gw.asked)
+                                if dom is not None and dom.isActive()
+                                else contextlib.nullcontext(False))
+                    with watching:
+                        results.append(backup_vm(hv, repository, ref, options, [printer, gw]))
                 except KeyboardInterrupt:
                     raise Interrupted(f"backup of {ref} interrupted; nothing was kept") from None
                 except KuraError as exc:
@@ -136,6 +145,33 @@ def backup_vms_command(ctx: click.Context, *, vms: list[str], all_vms: bool, con
     if failed:
         raise KuraError(f"{len(failed)} of {len(results)} VM backups failed: "
                         + "; ".join(f"{r.vm}: {r.error}" for r in failed))
+
+
+class _GiveWay:
+    """Stops a VM's backup when a migration (or save, snapshot...) waits for it.
+
+    See :mod:`kura.hypervisor.jobwatch`: libvirt would make the migration wait
+    for the backup's job and fail it after 30 s; ended early, the backup
+    leaves nothing behind and the migration proceeds.
+    """
+
+    def __init__(self) -> None:
+        self.request: JobRequest | None = None
+        self.phase = ""
+
+    def asked(self, req: JobRequest) -> None:
+        if self.request is None and self.phase != "finish":  # finish: ends in moments
+            self.request = req
+
+    def __call__(self, ev: Event) -> None:
+        if ev.kind == "phase-start":
+            self.phase = ev.phase or ""
+        req = self.request
+        if req is not None and ev.kind in ("phase-start", "progress"):
+            what = "a migration" if req.migration else f"a {req.job} job"
+            raise Interrupted(f"{what} of VM {req.vm} was waiting for its backup: the backup "
+                              "gave way (ended cleanly, no restore point)",
+                              hint="back it up again where it runs now")
 
 
 def _row(r: BackupResult) -> list[Any]:

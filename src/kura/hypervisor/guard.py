@@ -186,7 +186,10 @@ def _cleanup_job(dom: Any, checkpoint: str | None, scratch: str | None, committe
 
     if scratch:
         with contextlib.suppress(libvirt.libvirtError):
-            if scratch in str(dom.backupGetXMLDesc(0)):
+            # abortJob ends whatever async job runs: a backup that just ended may
+            # have let a waiting migration in, which must not be cancelled.
+            if (scratch in str(dom.backupGetXMLDesc(0)) and dom.jobStats(0).get("operation")
+                    == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP):
                 dom.abortJob()
     if checkpoint and not committed:
         with contextlib.suppress(libvirt.libvirtError):

@@ -15,8 +15,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from kura.agent.jobwatch import DaemonLog, JobWatch
 from kura.agent.testing import wait_for
+from kura.hypervisor.jobwatch import DaemonLog, JobWatch
 from kura.hypervisor.view import DEFAULT_SCRATCH_ROOT
 from kura.lab import Lab, LabVM
 from kura.repository import Repository
@@ -132,6 +132,7 @@ def test_the_watch_restores_libvirts_log_settings(lab: Lab, tmp_path: Path) -> N
         assert all(o in outputs for o in before[1])  # the daemon's own outputs stay
     assert daemon.get() == before and not watch.path.exists()
     # A killed agent's leftovers are dropped by the next agent's start.
-    daemon.set([*before[0], "1:conf.virdomainjob"], [*before[1], f"1:file:{watch.path}"])
+    dead = f"1:file:{tmp_path}/libvirt-jobs-{watch.digest}-999999999.log"
+    daemon.set([*before[0], "1:conf.virdomainjob"], [*before[1], dead])
     JobWatch(admin, tmp_path).drop_leftovers()
     assert daemon.get() == before

@@ -18,6 +18,7 @@ class FakeDomain:
     def __init__(self, job_xml: str) -> None:
         self.calls: list[str] = []
         self.job_xml = job_xml
+        self.operation = 9  # VIR_DOMAIN_JOB_OPERATION_BACKUP
 
     def fsThaw(self, _mounts: object, _flags: int) -> int:
         self.calls.append("thaw")
@@ -25,6 +26,9 @@ class FakeDomain:
 
     def backupGetXMLDesc(self, _flags: int) -> str:
         return self.job_xml
+
+    def jobStats(self, _flags: int) -> dict[str, int]:
+        return {"operation": self.operation}
 
     def abortJob(self) -> None:
         self.calls.append("abort")
@@ -100,3 +104,15 @@ def test_a_guard_started_early_is_waited_for_before_use() -> None:
     with pytest.raises(HypervisorError, match="did not start"):
         lost.wait_ready()
     lost.close()
+
+
+def test_a_migration_that_took_over_the_job_is_not_aborted(tmp_path: Path) -> None:
+    # The backup ended (its XML still readable for a moment) and a waiting migration
+    # took the domain's job: abortJob would cancel the migration.
+    scratch = tmp_path / "job"
+    scratch.mkdir()
+    dom = FakeDomain(f"<domainbackup><server socket='{scratch}/nbd.sock'/></domainbackup>")
+    dom.operation = 5  # VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
+    t = _run(dom, ["thawed", f"job kura-1 {scratch}"], close=True)
+    t.join(5)
+    assert dom.calls == ["lookup kura-1", "delete"]

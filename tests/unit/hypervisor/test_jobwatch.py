@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
 
-from kura.agent.jobwatch import JobRequest, JobWatch, default_admin_uri, parse
+from kura.hypervisor.jobwatch import JobRequest, JobWatch, default_admin_uri, parse
 
 # Lines logged by libvirt 9.0 (conf.virdomainjob, debug) on the lab during a backup.
 PREFIX = "2026-11-27 13:45:19.030+0000: 20251: debug : virDomainObjBeginJobInternal:318 : "
@@ -85,8 +86,28 @@ def test_only_local_connections_have_an_admin_uri() -> None:
     assert default_admin_uri("qemu+ssh://root@h/system") is None
 
 
-def test_a_killed_agents_settings_are_recognised_as_its_own(tmp_path: Path) -> None:
+class FakeDaemon:
+    def __init__(self, filters: list[str], outputs: list[str]) -> None:
+        self.filters, self.outputs = filters, outputs
+
+    def get(self) -> tuple[list[str], list[str]]:
+        return list(self.filters), list(self.outputs)
+
+
+def test_each_process_adds_and_removes_only_its_own_output(tmp_path: Path) -> None:
     watch = JobWatch("libvirtd:///system", tmp_path)
-    assert watch._ours("1:*conf.virdomainjob*") and watch._ours("1:qemu.qemu_domainjob")
-    assert watch._ours(f"1:file:{watch.path}")
-    assert not watch._ours("1:*qemu*") and not watch._ours("3:file:/var/log/libvirt/libvirtd.log")
+    other = f"1:file:{tmp_path}/libvirt-jobs-{watch.digest}-{os.getppid()}.log"  # alive
+    dead = f"1:file:{tmp_path}/libvirt-jobs-{watch.digest}-999999999.log"
+    mine = f"1:file:{watch.path}"
+    own = ["3:file:/var/log/libvirt/libvirtd.log"]
+    daemon = FakeDaemon(["3:remote", "1:*conf.virdomainjob*", "1:*qemu.qemu_domainjob*"],
+                        [*own, other, dead])
+    filters, outputs = watch._settings(daemon, mine=True)  # type: ignore[arg-type]
+    assert outputs == [*own, other, mine]
+    assert filters == ["3:remote", "1:conf.virdomainjob", "1:qemu.qemu_domainjob"]
+    daemon.outputs = outputs
+    filters, outputs = watch._settings(daemon, mine=False)  # type: ignore[arg-type]
+    assert outputs == [*own, other] and "1:conf.virdomainjob" in filters  # other still watches
+    daemon.outputs = [*own, dead]
+    filters, outputs = watch._settings(daemon, mine=False)  # type: ignore[arg-type]
+    assert outputs == own and filters == ["3:remote"]  # the last watcher gone: filters too

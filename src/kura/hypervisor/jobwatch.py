@@ -3,7 +3,8 @@
 libvirt runs one *async job* per domain at a time. A pull-mode backup is one
 for as long as kura reads the view, so a live migration requested meanwhile
 waits for libvirt's job lock and fails after 30 s ("cannot acquire state
-change lock"). To give way quickly, the agent must notice the waiter.
+change lock"). To give way quickly, kura (the node agent, or ``kura backup``
+on the node) must notice the waiter.
 
 What libvirt 9.0 / QEMU 7.2 offer, measured on the two-node lab with a
 migration requested during a pull-mode backup (``virsh migrate --p2p --live``):
@@ -28,16 +29,16 @@ migration requested during a pull-mode backup (``virsh migrate --p2p --live``):
 So :class:`JobWatch` uses the last one. While at least one live backup runs on
 the node it adds, through the admin API (``virt-admin daemon-log-filters`` and
 ``daemon-log-outputs``, keeping whatever else is configured), a debug filter for
-the job code and one file output of its own (debug messages reach only that
+the job code and a file output of its own (debug messages reach only that
 output: the others keep their own priority), tails that file, and calls the
 backup's callback when another async job asks for that VM while a backup holds
 it. When the last backup ends the daemon's settings are put back and the file
-is removed; a leftover of a killed agent is dropped the next time.
+is removed; a leftover of a killed process is dropped the next time.
 
 Limits: debug messages are not a stable API (the pattern is checked against
 9.0; when it stops matching, backups just stop giving way early and a waiting
 migration fails after 30 s as before); the admin socket is local, so the
-agent must run on the node as root (``--libvirt-admin``); an administrator's
+agent must run on the node as root (``kura agent --libvirt-admin``); an administrator's
 change of the daemon's log settings while a backup runs is undone when it
 ends. The agent drops a killed predecessor's filter and output when it starts.
 """
@@ -129,12 +130,19 @@ class DaemonLog:
 
 
 class JobWatch:
-    """Tells running backups when another async job waits for their VM (see module doc)."""
+    """Tells running backups when another async job waits for their VM (see module doc).
+
+    Several kura processes on one node (the agent, a ``kura backup``) may watch
+    at once: each adds its own output (``libvirt-jobs-<daemon>-<pid>.log``) and
+    removes only that; the shared filters go with the last output. Outputs of
+    processes that no longer run are dropped whenever settings are changed.
+    """
 
     def __init__(self, admin_uri: str | None, log_dir: Path, *, poll: float = 0.2) -> None:
         self.admin_uri = admin_uri
-        digest = hashlib.sha256((admin_uri or "").encode()).hexdigest()[:10]
-        self.path = log_dir / f"libvirt-jobs-{digest}.log"
+        self.digest = hashlib.sha256((admin_uri or "").encode()).hexdigest()[:10]
+        self.log_dir = log_dir
+        self.path = log_dir / f"libvirt-jobs-{self.digest}-{os.getpid()}.log"
         self.poll = poll
         self._lock = threading.Lock()  # the watchers
         self._control = threading.Lock()  # the daemon's settings and the tail thread
@@ -142,7 +150,6 @@ class JobWatch:
         self._next = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._saved: tuple[list[str], list[str]] | None = None
         self._broken = False
 
     @property
@@ -174,12 +181,33 @@ class JobWatch:
                 if idle and self._thread is not None:
                     self._stop_watching()
 
-    def _ours(self, item: str) -> bool:
-        # libvirt reports a filter back as a glob: 1:*conf.virdomainjob*
-        return item.replace("*", "") in FILTERS or item.endswith(f":file:{self.path}")
+    def _kura_output(self, item: str) -> int | None:
+        """The pid whose job-watch output ``item`` is (for this daemon), else None."""
+        prefix = f":file:{self.log_dir / f'libvirt-jobs-{self.digest}-'}"
+        if prefix not in item or not item.endswith(".log"):
+            return None
+        pid = item.rsplit("-", 1)[1][:-len(".log")]
+        return int(pid) if pid.isdigit() else None
+
+    def _settings(self, daemon: DaemonLog, *, mine: bool) -> tuple[list[str], list[str]]:
+        """The daemon's settings without dead processes' outputs, with or without ours."""
+        filters, outputs = daemon.get()
+        kept = []
+        for o in outputs:
+            pid = self._kura_output(o)
+            if pid is not None and (pid == os.getpid() or not Path(f"/proc/{pid}").exists()):
+                continue
+            kept.append(o)
+        if mine:
+            kept.append(self.output)
+        watching = mine or any(self._kura_output(o) is not None for o in kept)
+        filters = [f for f in filters if f.replace("*", "") not in FILTERS]
+        if watching:  # libvirt reports a filter back as a glob: 1:*conf.virdomainjob*
+            filters += FILTERS
+        return filters, kept
 
     def drop_leftovers(self) -> None:
-        """Remove this watch's filter and output if a killed agent left them (at start)."""
+        """Remove job-watch outputs (and then filters) of kura processes that died."""
         if not self.admin_uri:
             return
         daemon = DaemonLog(self.admin_uri)
@@ -187,33 +215,27 @@ class JobWatch:
             if self._thread is not None:
                 return
             try:
-                filters, outputs = daemon.get()
-                if any(self._ours(x) for x in (*filters, *outputs)):
-                    daemon.set([f for f in filters if not self._ours(f)],
-                               [o for o in outputs if not self._ours(o)])
-                    log.info("removed libvirt log settings left by a killed agent")
+                before = daemon.get()
+                after = self._settings(daemon, mine=False)
+                if [sorted(x) for x in after] != [sorted(x) for x in before]:
+                    daemon.set(*after)
+                    log.info("removed libvirt log settings left by a killed kura process")
             except HypervisorError as exc:
                 log.debug("cannot check libvirt's log settings: %s", exc)
-            with contextlib.suppress(OSError):
-                self.path.unlink()
 
     def _start(self) -> None:
         if not self.admin_uri:
             return
         daemon = DaemonLog(self.admin_uri)
         try:
-            filters, outputs = daemon.get()
-            filters = [f for f in filters if not self._ours(f)]  # a killed agent's leftovers
-            outputs = [o for o in outputs if not self._ours(o)]
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.unlink(missing_ok=True)
-            daemon.set([*filters, *FILTERS], [*outputs, self.output])
+            daemon.set(*self._settings(daemon, mine=True))
         except (HypervisorError, OSError) as exc:
             self._broken = True
             log.warning("backups on this node will not give way early to a waiting migration: "
-                        "%s (give the agent --libvirt-admin, or run it as root on the node)", exc)
+                        "%s (run kura as root on the node; kura agent: --libvirt-admin)", exc)
             return
-        self._saved = (filters, outputs)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._tail, args=(self._stop,),
                                         name="kura-jobwatch", daemon=True)
@@ -224,12 +246,12 @@ class JobWatch:
         self._stop.set()
         if thread is not None:
             thread.join(5)
-        if self._saved is not None and self.admin_uri:
+        if self.admin_uri:
+            daemon = DaemonLog(self.admin_uri)
             try:
-                DaemonLog(self.admin_uri).set(*self._saved)
+                daemon.set(*self._settings(daemon, mine=False))
             except HypervisorError as exc:
                 log.warning("cannot restore libvirt's log settings: %s", exc)
-            self._saved = None
         with contextlib.suppress(OSError):
             self.path.unlink()
 
