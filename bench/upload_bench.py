@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 from kura.agent.enrol import enrol
-from kura.agent.loop import Agent
+from kura.agent.loop import Agent, AgentSettings
 from kura.agent.remote import open_session
 from kura.agent.runner import TaskContext
-from kura.agent.testing import FAST, AgentThread, FakeCluster, FakeRunner, wait_for
+from kura.agent.testing import AgentThread, FakeCluster, FakeRunner, wait_for
 from kura.repository import Repository, SourceRef
 from kura.server import schemas
 from kura.server.client import ServerClient
@@ -118,7 +118,7 @@ def main() -> int:
         for node in nodes:
             creds = enrol(server.url, server.token("agent", cluster="bench"), node=node)
             runner = UploadRunner(cluster, node, creds.client(), disks, args.workers)
-            agents.append(AgentThread(Agent(creds.client(), runner, FAST)))
+            agents.append(AgentThread(Agent(creds.client(), runner, AgentSettings())))
         c = server.client(server.token("admin"))
         wait_for(lambda: sum(len(n.vms) for cl in c.inventory().clusters
                              for n in cl.nodes) == args.vms, 60, "inventory")
@@ -129,9 +129,9 @@ def main() -> int:
         for rnd in range(args.rounds):
             spy = None
             if args.profile and rnd == 0:
-                spy = subprocess.Popen([os.environ.get("PY_SPY", "py-spy"), "record", "--pid",
-                                        str(server.proc.pid), "--threads",
-                                        "-f", "raw", "-o", args.profile],
+                spy = subprocess.Popen([os.environ.get("PY_SPY", "py-spy"), "record", "--gil",
+                                        "--rate", "500", "--pid", str(server.proc.pid),
+                                        "--threads", "-f", "raw", "-o", args.profile],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.5)
             s0, a0, t0 = cpu_seconds(server.proc.pid), self_cpu(), time.monotonic()

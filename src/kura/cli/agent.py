@@ -65,6 +65,7 @@ def agent(server: str, token: str | None, connect: str, ca: Path | None, state_d
     from kura.agent.engine_runner import EngineRunner
     from kura.agent.loop import Agent, AgentSettings
     from kura.hypervisor.jobwatch import default_admin_uri
+    from kura.procmem import return_large_buffers
 
     if node is None:
         try:
@@ -77,6 +78,7 @@ def agent(server: str, token: str | None, connect: str, ca: Path | None, state_d
     err_console.print(f"kura agent: node {creds.node} of cluster {creds.cluster}, "
                       f"server {creds.server}", highlight=False)
     client = creds.client()
+    return_large_buffers()
     settings = AgentSettings(heartbeat_interval=heartbeat, inventory_interval=inventory_interval,
                              max_tasks=max_tasks)
     admin = (None if libvirt_admin == "none"

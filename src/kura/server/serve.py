@@ -17,6 +17,7 @@ import uvicorn
 
 from kura.catalog import Catalog
 from kura.errors import UsageError
+from kura.procmem import return_large_buffers
 from kura.repository import Repository
 from kura.server import DEFAULT_LISTEN, DEFAULT_STATE_DIR, tls
 from kura.server.app import create_app
@@ -82,6 +83,7 @@ def build_context(cfg: ServerConfig, repo: Repository | None,
 
 def serve(cfg: ServerConfig, ctx: ServerContext, files: tls.TlsFiles) -> None:
     host, port = parse_listen(cfg.listen)
+    return_large_buffers()  # request bodies and chunk buffers go back to the system
     app = create_app(ctx)
     log.info("kura server on https://%s:%d (CA fingerprint %s)", host, port, ctx.ca_fingerprint)
     uvicorn.run(app, host=host, port=port, ssl_certfile=str(files.cert),

@@ -96,6 +96,8 @@ class SessionManager:
         self.repo = repo
         self.backend = repo.store.backend
         self.idle_timeout = idle_timeout
+        self.sweep_every = 0.5
+        self._last_sweep = 0.0
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
@@ -162,19 +164,28 @@ class SessionManager:
         return committed
 
     def sweep(self) -> list[str]:
-        """Abort sessions idle too long or whose task is over; returns their ids."""
+        """Abort sessions idle too long or whose task is over; returns their ids.
+
+        Called on every engine tick, which runs at every task event during a job, so
+        it looks at the catalog at most every ``sweep_every`` seconds, with one query
+        for all open sessions.
+        """
         now = time.monotonic()
+        if now - self._last_sweep < self.sweep_every:
+            return []
+        self._last_sweep = now
         with self._lock:
             sessions = list(self._sessions.values())
+        if not sessions:
+            return []
+        with self.catalog.session() as s:
+            rows = s.execute(select(Task.id, Task.state).where(
+                Task.id.in_({sess.task_id for sess in sessions})))
+            states = {int(tid): str(state) for tid, state in rows}
         out = []
         for sess in sessions:
             idle = now - sess.touched > self.idle_timeout
-            gone = False
-            if not idle:
-                with self.catalog.session() as s:
-                    task = s.get(Task, sess.task_id)
-                    gone = task is None or task.state != "sent"
-            if idle or gone:
+            if idle or states.get(sess.task_id) != "sent":
                 why = "agent silent" if idle else "its task is over"
                 self._close(sess, why)
                 out.append(sess.id)
