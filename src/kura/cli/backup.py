@@ -48,12 +48,17 @@ def backup(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, connect: str
     if not vms and not all_vms:
         raise UsageError("name one or more VMs, or use --all, or --image FILE")
     from kura.cli import images
+    from kura.hypervisor import guard
 
-    repo = images.open_repo_soon(ctx)  # the key derivation overlaps the imports below
-    from kura.cli import vms as vms_cli
+    guard.prestart(connect)  # the guard of the first running VM comes up meanwhile
+    try:
+        repo = images.open_repo_soon(ctx)  # the key derivation overlaps the imports below
+        from kura.cli import vms as vms_cli
 
-    vms_cli.backup_vms_command(ctx, vms=list(vms), all_vms=all_vms, connect=connect,
-                               consistency=consistency, full=full, repo=repo)
+        vms_cli.backup_vms_command(ctx, vms=list(vms), all_vms=all_vms, connect=connect,
+                                   consistency=consistency, full=full, repo=repo)
+    finally:
+        guard.discard_spares()
 
 
 @click.command("restore")

@@ -12,6 +12,8 @@ URI UUID`` in its own session (a Ctrl-C on the terminal does not reach it),
 with its own libvirt connection, reading commands on a pipe from its parent:
 
 =================== ==========================================================
+``vm UUID``         (a spare only, first) the VM to guard: a spare is started by
+                    :func:`prestart` as ``... guard URI`` before the VM is known
 ``frozen SECONDS``  the guest is about to be frozen: thaw it if ``thawed`` has
                     not arrived within SECONDS (the main thread is stuck)
 ``thawed``          the guest is thawed
@@ -31,8 +33,9 @@ When the pipe reaches end-of-file without ``done`` — the kernel closes it when
 the parent dies, however it dies — the guard thaws the guest (if frozen),
 aborts the domain's backup job (only if it exports on a socket inside DIR, so
 it never touches someone else's job), deletes CP unless committing or committed, and
-removes DIR. It answers ``ready`` once it has its libvirt connection, so a
-freeze never starts without a working guard.
+removes DIR. It answers ``ready`` once it has its libvirt connection and the VM, so a
+freeze never starts without a working guard. A spare that reaches end-of-file
+before ``vm`` was not needed and exits.
 """
 
 from __future__ import annotations
@@ -50,6 +53,44 @@ from kura.errors import HypervisorError
 
 # Guards told ``done`` that may still be exiting: reaped when the next guard starts.
 _exiting: list[subprocess.Popen[str]] = []
+# Spare guard processes (URI -> process), started by :func:`prestart`, not yet bound to a VM.
+_spares: dict[str, subprocess.Popen[str]] = {}
+
+
+def _spawn(args: list[str]) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kura.hypervisor.guard", *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, start_new_session=True, close_fds=True, env=env,
+        )
+    except OSError as exc:
+        raise HypervisorError(f"cannot start the backup guard process: {exc}") from exc
+
+
+def prestart(uri: str) -> None:
+    """Start a spare guard for the next VM backup on ``uri``, to be bound to it later.
+
+    A command that will back up VMs calls this first, so that the guard's start-up
+    (a Python process that imports libvirt and connects: a tenth of a second or
+    more) overlaps with its own; an unused spare exits when this process does.
+    """
+    if uri in _spares and _spares[uri].poll() is None:
+        return
+    with contextlib.suppress(HypervisorError):  # the backup starts its own then
+        _spares[uri] = _spawn([uri])
+
+
+def discard_spares() -> None:
+    """Let every unused spare exit (its pipe closes: it was not needed)."""
+    while _spares:
+        _, proc = _spares.popitem()
+        _close_pipes(proc)
+        if proc.poll() is None:
+            _exiting.append(proc)
 
 
 class Guard:
@@ -60,22 +101,20 @@ class Guard:
         """Start the guard; with ``wait=False`` call :meth:`wait_ready` before relying on it.
 
         A Python process that imports libvirt and connects takes a tenth of a second
-        or more: the engine starts it early and lets it come up while it does other work.
+        or more: the engine starts it early and lets it come up while it does other work,
+        and a spare one from :func:`prestart` is used when there is one.
         """
         self._start_timeout = start_timeout
         self._ready = False
         _exiting[:] = [p for p in _exiting if p.poll() is None]
-        env = dict(os.environ)
-        src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-        try:
-            self._proc: subprocess.Popen[str] | None = subprocess.Popen(
-                [sys.executable, "-m", "kura.hypervisor.guard", uri, uuid],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                text=True, start_new_session=True, close_fds=True, env=env,
-            )
-        except OSError as exc:
-            raise HypervisorError(f"cannot start the backup guard process: {exc}") from exc
+        spare = _spares.pop(uri, None)
+        if spare is not None and spare.poll() is None:
+            self._proc: subprocess.Popen[str] | None = spare
+            self._send(f"vm {uuid}")
+        else:
+            if spare is not None:
+                _close_pipes(spare)
+            self._proc = _spawn([uri, uuid])
         if wait:
             self.wait_ready()
 
@@ -134,10 +173,7 @@ class Guard:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        for pipe in (proc.stdin, proc.stdout):
-            with contextlib.suppress(OSError, ValueError):
-                if pipe:
-                    pipe.close()
+        _close_pipes(proc)
         if proc.poll() is None:
             _exiting.append(proc)
 
@@ -162,6 +198,13 @@ class Guard:
         if proc is not None:
             proc.kill()
             proc.wait()
+
+
+def _close_pipes(proc: subprocess.Popen[str]) -> None:
+    for pipe in (proc.stdin, proc.stdout):
+        with contextlib.suppress(OSError, ValueError):
+            if pipe:
+                pipe.close()
 
 
 # -- the guard process itself ------------------------------------------------------
@@ -198,27 +241,26 @@ def _cleanup_job(dom: Any, checkpoint: str | None, scratch: str | None, committe
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _serve(stdin: IO[str], dom: Any) -> None:
+def _first_line(fd: int) -> tuple[str | None, str]:
+    """The first line on ``fd`` (None at end-of-file) and what was read after it."""
+    buf = ""
+    while "\n" not in buf:
+        data = os.read(fd, 4096).decode(errors="replace")
+        if not data:
+            return None, ""
+        buf += data
+    line, rest = buf.split("\n", 1)
+    return line, rest
+
+
+def _serve(stdin: IO[str], dom: Any, buf: str = "") -> None:
+    """Follow the parent's commands; ``buf`` holds any already read (a spare's)."""
     deadline: float | None = None
     checkpoint: str | None = None
     scratch: str | None = None
     committed = False
-    buf = ""
     fd = stdin.fileno()
     while True:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, _, _ = select.select([fd], [], [], timeout)
-        if not ready:  # frozen for too long: the parent is stuck
-            _thaw(dom)
-            deadline = None
-            continue
-        data = os.read(fd, 4096).decode(errors="replace")
-        if not data:  # the parent is gone
-            if deadline is not None:
-                _thaw(dom)
-            _cleanup_job(dom, checkpoint, scratch, committed)
-            return
-        buf += data
         while "\n" in buf:
             line, buf = buf.split("\n", 1)
             cmd, _, arg = line.strip().partition(" ")
@@ -234,6 +276,19 @@ def _serve(stdin: IO[str], dom: Any) -> None:
                 committed = True
             elif cmd == "done":
                 return
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:  # frozen for too long: the parent is stuck
+            _thaw(dom)
+            deadline = None
+            continue
+        data = os.read(fd, 4096).decode(errors="replace")
+        if not data:  # the parent is gone
+            if deadline is not None:
+                _thaw(dom)
+            _cleanup_job(dom, checkpoint, scratch, committed)
+            return
+        buf += data
 
 
 def main(argv: list[str]) -> int:
@@ -246,9 +301,17 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
-    uri, uuid = argv[0], argv[1]
+    uri = argv[0]
+    rest = ""
     try:
         conn = libvirt.open(uri)
+        if len(argv) > 1:
+            uuid: str | None = argv[1]
+        else:  # a spare: wait for ``vm UUID`` (end-of-file: it was not needed)
+            line, rest = _first_line(sys.stdin.fileno())
+            cmd, _, uuid = (line or "").strip().partition(" ")
+            if cmd != "vm" or not uuid:
+                return 0
         dom = conn.lookupByUUIDString(uuid)
     except libvirt.libvirtError as exc:
         print(f"error {exc}", flush=True)
@@ -256,7 +319,7 @@ def main(argv: list[str]) -> int:
     print("ready", flush=True)
     with contextlib.suppress(OSError):
         sys.stdout.close()
-    _serve(sys.stdin, dom)
+    _serve(sys.stdin, dom, rest)
     with contextlib.suppress(libvirt.libvirtError):
         conn.close()
     return 0

@@ -11,6 +11,7 @@ import libvirt
 import pytest
 
 from kura.errors import HypervisorError
+from kura.hypervisor import guard as guard_mod
 from kura.hypervisor.guard import Guard, _serve
 
 
@@ -116,3 +117,34 @@ def test_a_migration_that_took_over_the_job_is_not_aborted(tmp_path: Path) -> No
     t = _run(dom, ["thawed", f"job kura-1 {scratch}"], close=True)
     t.join(5)
     assert dom.calls == ["lookup kura-1", "delete"]
+
+
+def test_a_spare_guard_is_bound_to_the_first_vm_of_its_node() -> None:
+    conn = libvirt.open("test:///default")
+    try:
+        uuid = str(conn.listAllDomains(0)[0].UUIDString())
+    finally:
+        conn.close()
+    guard_mod.prestart("test:///default")
+    spare = guard_mod._spares["test:///default"]
+    guard_mod.prestart("test:///default")  # one spare per node is enough
+    assert guard_mod._spares["test:///default"] is spare
+    guard = Guard("test:///default", uuid, wait=False)
+    assert guard.pid == spare.pid and "test:///default" not in guard_mod._spares
+    guard.wait_ready()
+    guard.done()
+    guard_mod.prestart("test:///default")
+    unused = guard_mod._spares["test:///default"]
+    guard_mod.discard_spares()  # the command is over: the spare was not needed
+    assert not guard_mod._spares and unused.wait(10) == 0
+
+
+def test_commands_read_with_the_vm_line_are_not_lost(tmp_path: Path) -> None:
+    scratch = tmp_path / "job"
+    scratch.mkdir()
+    dom = FakeDomain(f"<domainbackup><server socket='{scratch}/nbd.sock'/></domainbackup>")
+    r, w = os.pipe()
+    os.close(w)
+    with os.fdopen(r, "r") as reader:
+        _serve(reader, dom, f"frozen 30\njob kura-1 {scratch}\n")
+    assert dom.calls == ["thaw", "abort", "lookup kura-1", "delete"]
