@@ -405,6 +405,7 @@ class SnapshotWriter:
     def commit(self) -> Manifest:
         """Finish every disk, write the manifest (the commit point), unregister."""
         self._check_open()
+        writing = False
         try:
             disks = [d.finish() for d in self._disks.values()]
             self._pipeline.sink.flush()
@@ -419,24 +420,37 @@ class SnapshotWriter:
                 sequence=parent.sequence + 1 if parent else 0,
                 chain=parent.chain if parent else self.id, consistency=consistency,
                 meta=dict(self.meta), disks=disks, configs=dict(self._configs))
+            writing = True
             self.store.write_manifest(manifest)
         except BaseException:
-            self.abort()
+            # A manifest write that failed may still have landed (an error after the
+            # rename, an answer lost on the network): then its indexes must stay.
+            self.abort(keep_indexes=writing and self._manifest_may_exist())
             raise
         self._state = "committed"
         self._close()
         return manifest
 
-    def abort(self) -> None:
+    def abort(self, *, keep_indexes: bool = False) -> None:
         """Give up: no manifest is written; chunks already stored are left for GC."""
         if self._state != "open":
             return
         self._state = "aborted"
-        try:
-            self.store.backend.delete(index_name(self.id, "-").rsplit("/", 1)[0])
-        except KuraError as exc:
-            log.warning("abort of %s: cannot remove its indexes: %s", self.id, exc)
+        if keep_indexes:
+            log.warning("restore point %s may have been committed (its manifest write failed "
+                        "after it may have landed): its indexes are kept", self.id)
+        else:
+            try:
+                self.store.backend.delete(index_name(self.id, "-").rsplit("/", 1)[0])
+            except KuraError as exc:
+                log.warning("abort of %s: cannot remove its indexes: %s", self.id, exc)
         self._close()
+
+    def _manifest_may_exist(self) -> bool:
+        try:
+            return self.store.backend.exists(manifest_name(self.id))
+        except Exception:  # cannot tell: assume it does
+            return True
 
     def _close(self) -> None:
         self._pipeline.close()
