@@ -211,9 +211,10 @@ class PointInTimeView:
                     time.sleep(0.2)
             # The job winds down asynchronously; return once it is gone, so that no
             # later check (the guard's) mistakes it for a job still to abort.
+            # It takes a few to a few hundred ms (TCG); a check is one cheap RPC.
             deadline = time.monotonic() + 5
             while active_job_xml(self.dom) is not None and time.monotonic() < deadline:
-                time.sleep(0.02)
+                time.sleep(0.005)
         shutil.rmtree(self.directory, ignore_errors=True)
         with contextlib.suppress(OSError):  # the VM's directory, once no job uses it
             self.directory.parent.rmdir()
