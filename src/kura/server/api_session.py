@@ -84,6 +84,9 @@ def read_object(sid: Sid, name: Name, who: AgentP, ctx: Ctx) -> Response:
 async def write_object(sid: Sid, name: Name, request: Request, who: AgentP, ctx: Ctx,
                        create: Annotated[bool, Query()] = False) -> Response:
     """Store an object (``create=true``: only if absent; found=False when it existed)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:  # refused before it is read
+        raise HTTPException(413, f"object larger than {MAX_BODY} bytes")
     body = await request.body()
     if len(body) > MAX_BODY:
         raise HTTPException(413, f"object larger than {MAX_BODY} bytes")
