@@ -110,7 +110,7 @@ class WriteBatch(Protocol):
     committed many times; after a failed commit it keeps failing.
     """
 
-    def put(self, name: str, data: bytes | bytearray) -> None: ...
+    def put(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
 
     def commit(self) -> None: ...
 
@@ -463,7 +463,7 @@ class LocalWriteBatch:
         self._commit_lock = threading.Lock()   # one commit at a time
         self._failed: RepositoryError | None = None
 
-    def put(self, name: str, data: bytes | bytearray) -> None:
+    def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
         be = self._backend
         be._path(name)  # check the name before anything is written
         try:

@@ -128,7 +128,7 @@ class _FaultyBatch:
         self.outer = outer
         self.inner = inner
 
-    def put(self, name: str, data: bytes | bytearray) -> None:
+    def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
         self.outer._count(name)
         self.inner.put(name, data)
 

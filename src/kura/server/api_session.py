@@ -97,6 +97,23 @@ async def write_object(sid: Sid, name: Name, request: Request, who: AgentP, ctx:
     return _found(await run_in_threadpool(work))
 
 
+@router.post("/{sid}/chunks", response_model=schemas.Message)
+async def write_chunks(sid: Sid, request: Request, who: AgentP, ctx: Ctx) -> schemas.Message:
+    """Store several chunk blobs in one request (``application/octet-stream``): records
+    of a 32-byte chunk id, the blob's length (u32, big-endian) and the blob."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        raise HTTPException(413, f"chunk pack larger than {MAX_BODY} bytes")
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise HTTPException(413, f"chunk pack larger than {MAX_BODY} bytes")
+
+    def work() -> int:
+        mgr, sess = _session(ctx, who, sid)
+        return _call(lambda: mgr.write_chunks(sess, body))
+    return schemas.Message(message=f"stored {await run_in_threadpool(work)} chunks")
+
+
 @router.delete("/{sid}/objects/{name:path}", response_model=schemas.Message)
 def delete_object(sid: Sid, name: Name, who: AgentP, ctx: Ctx) -> schemas.Message:
     mgr, sess = _session(ctx, who, sid)

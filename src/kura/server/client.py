@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import ssl
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from kura.errors import AuthError, ServerError, UsageError
 from kura.server import schemas, tls
 
 DEFAULT_CA = Path("/var/lib/kura/server/ca.pem")
+# The data path's chunk packs (``POST /api/agent/sessions/ID/chunks``): records of
+# this header (chunk id, blob length) followed by the blob.
+PACK_RECORD = struct.Struct(">32sI")
 
 
 def fetch_ca(url: str, fingerprint: str, *, timeout: float = 10.0) -> bytes:

@@ -52,10 +52,13 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 
 from kura.catalog import Agent, BackupSession, Catalog, RunVm, Task, Vm
-from kura.errors import IntegrityError, KuraError, ServerError
+from kura.errors import IntegrityError, KuraError, ServerError, UsageError
 from kura.repository import ZERO_CHUNK, Manifest, ObjectNotFound, ObjectStat, Repository
 from kura.repository.backend import WriteBatch
+from kura.repository.blob import MAGIC
 from kura.repository.locks import source_lock_name
+from kura.repository.store import chunk_name
+from kura.server.client import PACK_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +331,30 @@ class SessionManager:
             return self.backend.create(name, data)
         self.backend.write(name, data)
         return True
+
+    def write_chunks(self, sess: Session, pack: bytes) -> int:
+        """Store a pack of chunk blobs (records ``id (32) | length (u32 BE) | blob``);
+        returns how many. Each is staged like a single chunk upload."""
+        if sess.kind != "backup" or sess.batch is None:
+            raise Refused("a restore session writes nothing to the repository")
+        view = memoryview(pack)
+        pos = count = 0
+        while pos < len(view):
+            if len(view) - pos < PACK_RECORD.size:
+                raise UsageError("truncated chunk pack")
+            cid, size = PACK_RECORD.unpack_from(view, pos)
+            pos += PACK_RECORD.size
+            if not size or pos + size > len(view):
+                raise UsageError("truncated chunk pack")
+            blob = view[pos:pos + size]
+            pos += size
+            if blob[:len(MAGIC)] != MAGIC:
+                raise Refused(f"chunk {cid.hex()} is not a kura blob")
+            sess.batch.put(chunk_name(cid), blob)
+            with sess.lock:
+                sess.uploaded.add(cid)
+            count += 1
+        return count
 
     def delete(self, sess: Session, name: str) -> None:
         if name in sess.created or _BROKEN.match(name):

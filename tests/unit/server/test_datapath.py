@@ -11,14 +11,14 @@ import pytest
 
 from kura.agent.enrol import enrol
 from kura.agent.loop import Agent
-from kura.agent.remote import RemoteBackend, RemoteWriteBatch, open_session
+from kura.agent.remote import RemoteBackend, open_session
 from kura.agent.runner import TaskContext
 from kura.agent.testing import FAST, AgentThread, FakeCluster, FakeRunner, wait_for
 from kura.errors import RepositoryError
 from kura.repository import DiskEntry, Manifest, Repository, SourceRef
 from kura.repository.index import DiskIndex
 from kura.server import schemas
-from kura.server.client import ServerClient
+from kura.server.client import PACK_RECORD, ServerClient
 from kura.server.testing import RunningServer, start_server
 
 CHUNK = 64 << 10
@@ -100,14 +100,23 @@ def test_incremental_uploads_only_new_chunks_and_restores(
     disks = {"web1": bytearray(os.urandom(8 * CHUNK))}
     agent, runner = _agent(srv, fc, "node-a", disks)
     uploads: list[str] = []
-    real_write = RemoteBackend.write
+    real_write, real_pack = RemoteBackend.write, RemoteBackend.write_chunks
 
     def counting(self: RemoteBackend, name: str, data: bytes | bytearray, *,
                  sync_dir: bool = True) -> None:
         if name.startswith("chunks/"):
             uploads.append(name)
         real_write(self, name, data, sync_dir=sync_dir)
+
+    def counting_packs(self: RemoteBackend, pack: bytes) -> None:
+        pos = 0
+        while pos < len(pack):  # chunk packs: id, length, blob
+            cid, size = PACK_RECORD.unpack_from(pack, pos)
+            uploads.append(cid.hex())
+            pos += PACK_RECORD.size + size
+        real_pack(self, pack)
     monkeypatch.setattr(RemoteBackend, "write", counting)
+    monkeypatch.setattr(RemoteBackend, "write_chunks", counting_packs)
     try:
         with srv.client() as c:
             wait_for(lambda: c.inventory().clusters, what="inventory")
@@ -196,7 +205,7 @@ def test_uploads_are_durable_before_the_manifest_even_without_a_sync(
     srv, repo, fc = setup
     vm = fc.add("web1", "node-a")
     disks = {"web1": bytearray(os.urandom(6 * CHUNK))}
-    monkeypatch.setattr(RemoteWriteBatch, "commit", lambda self: None)
+    monkeypatch.setattr(RemoteBackend, "sync_dirs", lambda self, names: None)
     agent, runner = _agent(srv, fc, "node-a", disks, mode="crash")
     backend = repo.store.backend
     try:
@@ -249,3 +258,73 @@ def test_an_agent_cannot_open_a_session_for_a_vm_of_another_cluster(
             mgr.begin(creds.agent_id, task_id + 1000)
     finally:
         mine.kill()
+
+
+def test_chunk_packs_are_checked(tmp_path: Path) -> None:
+    from typing import Any, cast
+
+    from kura.errors import UsageError
+    from kura.repository.blob import MAGIC
+    from kura.server.sessions import Refused, Session, SessionManager
+
+    repo = Repository.init(tmp_path / "repo", passphrase=None, encryption="none",
+                           chunk_size=CHUNK)
+    mgr = SessionManager(cast(Any, None), repo)
+    backend = repo.store.backend
+    sess = Session(id="s", agent_id="a", task_id=1, vm_uuid="u", kind="backup", visible=set(),
+                   batch=backend.write_batch())
+    blob = MAGIC + os.urandom(100)
+    good = PACK_RECORD.pack(b"\x01" * 32, len(blob)) + blob
+    assert mgr.write_chunks(sess, good + PACK_RECORD.pack(b"\x02" * 32, len(blob)) + blob) == 2
+    assert sess.uploaded == {b"\x01" * 32, b"\x02" * 32}
+    for bad in (good[:-1], good + b"\x00" * 10, PACK_RECORD.pack(b"\x03" * 32, 0)):
+        with pytest.raises(UsageError):
+            mgr.write_chunks(sess, bad)
+    with pytest.raises(Refused):
+        mgr.write_chunks(sess, PACK_RECORD.pack(b"\x04" * 32, 5) + b"HELLO")
+    assert sess.batch is not None
+    sess.batch.commit()
+    assert backend.read("chunks/01/" + "01" * 32) == blob
+    restore = Session(id="r", agent_id="a", task_id=2, vm_uuid="u", kind="restore",
+                      visible=set())
+    with pytest.raises(Refused):
+        mgr.write_chunks(restore, good)
+
+
+def test_remote_batch_sends_packs_and_commits_after_them() -> None:
+    from typing import Any, cast
+
+    from kura.agent.remote import RemoteWriteBatch
+
+    class Wire:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, Any]] = []
+            self.fail = False
+
+        def write_chunks(self, pack: bytes) -> None:
+            if self.fail:
+                raise RepositoryError("connection lost")
+            self.calls.append(("pack", len(pack)))
+
+        def write(self, name: str, data: bytes, *, sync_dir: bool = True) -> None:
+            self.calls.append(("write", name))
+
+        def sync_dirs(self, names: list[str]) -> None:
+            self.calls.append(("sync", len(names)))
+
+    wire = Wire()
+    batch = RemoteWriteBatch(cast(Any, wire), pack_bytes=250)
+    name = "chunks/ab/" + "ab" * 32
+    batch.put(name, b"x" * 100)
+    assert wire.calls == []
+    batch.put(name, b"y" * 100)   # 2 x (36 + 100) >= 250: one pack
+    batch.put(name, b"z" * 10)
+    batch.put("other/object", b"w")  # not a chunk: written at once
+    assert wire.calls == [("pack", 272), ("write", "other/object")]
+    batch.commit()
+    assert wire.calls[2:] == [("pack", 46), ("sync", 4)]
+    wire.fail = True
+    with pytest.raises(RepositoryError):
+        batch.put(name, b"q" * 300)  # fills a pack at once: its sender sees the failure
+    with pytest.raises(RepositoryError):
+        batch.commit()  # and so does the commit: nothing claims to be durable
