@@ -1,8 +1,9 @@
 """Endpoints of the remote data path (see :mod:`kura.server.sessions`).
 
-Object bodies travel as raw ``application/octet-stream``; everything else is
-JSON. ``touch``, ``exists`` and ``stat`` are metadata calls of a few microseconds
-and run on the event loop; reads and writes of objects run in the thread pool.
+Object bodies travel as raw ``application/octet-stream``, chunk uploads usually
+as *packs* of several blobs (``POST .../chunks``); everything else is JSON.
+``touch``, ``exists`` and ``stat`` are metadata calls of a few microseconds and
+run on the event loop; reads and writes of objects run in the thread pool.
 
 Errors: 403 for what the session may not do, 404 for a missing object, 507 when
 the repository's storage is full, 409 for other repository errors.
