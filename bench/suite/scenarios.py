@@ -240,7 +240,7 @@ class Suite:
                            note=note_text))
         if self.speeds is not None:
             cores = os.cpu_count() or 1
-            self.r.add(Row(G1, f"CPU: HMAC+zstd-3+AES-GCM on {cores} cores", "derived",
+            self.r.add(Row(G1, f"CPU: BLAKE3+zstd-3+AES-GCM on {cores} cores", "derived",
                            [self.speeds.limit_seconds(b.allocated, cores)], b.allocated,
                            note="computed from the one-core speed of the primitives"))
         self.repo_bench()
