@@ -83,14 +83,6 @@ def image_info(path: str) -> ImageInfo:
     )
 
 
-def create_image(path: str, fmt: str, size: int) -> None:
-    """Create an empty, thin image (``preallocation=off``)."""
-    argv = ["qemu-img", "create", "-q", "-f", fmt]
-    if fmt == "qcow2":
-        argv += ["-o", "preallocation=off"]
-    _run([*argv, path, str(size)])
-
-
 def add_bitmap(path: str, name: str) -> None:
     """Add an enabled persistent bitmap to a qcow2 image no process has open."""
     _run(["qemu-img", "bitmap", "--add", "--enable", path, name])
