@@ -176,9 +176,10 @@ class _GiveWay:
 
 def _row(r: BackupResult) -> list[Any]:
     frozen = f"{r.frozen_seconds:.2f}s" if r.frozen_seconds is not None else "-"
-    return [r.vm, r.restore_point if r.ok else "-", r.kind or "-", r.consistency or "-", frozen,
-            human_bytes(r.bytes_read), human_bytes(r.bytes_stored), f"{r.seconds:.1f}s",
-            "ok" if r.ok else f"FAILED: {r.error}"]
+    if not r.ok:  # nothing was kept: no figures to show, only why
+        return [r.vm, "-", "-", "-", "-", "-", "-", "-", f"FAILED: {r.error}"]
+    return [r.vm, r.restore_point, r.kind or "-", r.consistency or "-", frozen,
+            human_bytes(r.bytes_read), human_bytes(r.bytes_stored), f"{r.seconds:.1f}s", "ok"]
 
 
 # -- kura restore VM[@ID] -----------------------------------------------------------
