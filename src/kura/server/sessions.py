@@ -362,6 +362,8 @@ class SessionManager:
             sess.created.discard(name)
             return
         sid = self._snapshot_of(name)
+        if name == f"indexes/{sess.snapshot}":  # an aborting writer drops its indexes at once
+            sid = sess.snapshot
         if sid is not None and sid == sess.snapshot and not sess.committed:
             self.backend.delete(name)
             return

@@ -17,6 +17,7 @@ from kura.agent.testing import FAST, AgentThread, FakeCluster, FakeRunner, wait_
 from kura.errors import RepositoryError
 from kura.repository import DiskEntry, Manifest, Repository, SourceRef
 from kura.repository.index import DiskIndex
+from kura.repository.store import index_name
 from kura.server import schemas
 from kura.server.client import PACK_RECORD, ServerClient
 from kura.server.testing import RunningServer, start_server
@@ -35,6 +36,7 @@ class RepoRunner(FakeRunner):
         self.mode = mode
         self.dirty: dict[str, set[int]] = {}
         self.forge: tuple[Manifest, DiskEntry, list[bytes]] | None = None
+        self.aborted_indexes_left: list[str] | None = None
 
     def backup(self, ctx: TaskContext) -> schemas.TaskResult:
         uuid, name = ctx.payload["vm_uuid"], ctx.payload["vm_name"]
@@ -63,6 +65,11 @@ class RepoRunner(FakeRunner):
         dw.finish()
         if self.mode == "crash":
             raise RepositoryError("simulated crash before commit")  # no abort, no end
+        if self.mode == "abort":  # a clean abort after the indexes were written
+            w.abort()
+            self.aborted_indexes_left = [n for n in (index_name(w.id, "vda"),)
+                                         if repo.store.backend.exists(n)]
+            raise RepositoryError("simulated failure, aborted")
         m = w.commit()
         sess.end()
         self.dirty[name] = set()
@@ -192,6 +199,24 @@ def test_a_backup_that_dies_before_commit_leaves_nothing_and_the_next_succeeds(
             runner.mode = "ok"  # the lock the dead writer took is gone: this succeeds
             assert _run(c, "j").status == "succeeded"
             assert len(repo.list_snapshots(vm.uuid)) == 1
+    finally:
+        agent.kill()
+
+
+def test_an_aborting_writer_removes_its_own_indexes_through_the_session(
+        setup: tuple[RunningServer, Repository, FakeCluster]) -> None:
+    srv, repo, fc = setup
+    vm = fc.add("web1", "node-a")
+    disks = {"web1": bytearray(os.urandom(2 * CHUNK))}
+    agent, runner = _agent(srv, fc, "node-a", disks, mode="abort")
+    try:
+        with srv.client() as c:
+            wait_for(lambda: c.inventory().clusters, what="inventory")
+            c.create_job(schemas.JobSpec(name="j", retries=0,
+                                         selection=schemas.Selection(all=True)))
+            assert _run(c, "j").status == "failed"
+        assert runner.aborted_indexes_left == []  # the session allowed the delete
+        assert repo.list_snapshots(vm.uuid) == []
     finally:
         agent.kill()
 
