@@ -75,6 +75,8 @@ class ChunkSink(Protocol):
 
     def flush(self) -> None: ...
 
+    def discard(self) -> None: ...
+
 
 class StoreSink:
     """Stores chunks straight into the repository's backend, durable in batches.
@@ -96,6 +98,9 @@ class StoreSink:
 
     def flush(self) -> None:
         self._batch.commit()
+
+    def discard(self) -> None:
+        self._batch.discard()
 
 
 class _Pipeline:
@@ -445,6 +450,10 @@ class SnapshotWriter:
             except KuraError as exc:
                 log.warning("abort of %s: cannot remove its indexes: %s", self.id, exc)
         self._close()
+        try:  # chunks staged but never committed: nothing refers to them
+            self._pipeline.sink.discard()
+        except (KuraError, OSError) as exc:
+            log.warning("abort of %s: cannot drop its staged chunks: %s", self.id, exc)
 
     def _manifest_may_exist(self) -> bool:
         try:

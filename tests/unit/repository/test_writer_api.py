@@ -37,6 +37,9 @@ class RecordingSink:
     def flush(self) -> None:
         self.flushed += 1
 
+    def discard(self) -> None:
+        pass
+
 
 def test_custom_sink(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r")
@@ -72,6 +75,9 @@ def test_exception_in_with_block_aborts(tmp_path: Path) -> None:
     assert repo.list_snapshots() == []
     assert list((tmp_path / "r" / "locks").iterdir()) == []
     assert list((tmp_path / "r" / "writers").iterdir()) == []
+    tmp = tmp_path / "r" / "tmp"  # the staged, never committed chunk is gone too
+    assert not tmp.exists() or list(tmp.iterdir()) == []
+    assert list(repo.store.backend.list("chunks")) == []
     with pytest.raises(UsageError, match="aborted"):
         w.commit()
     write_disk(repo, "img", b"x" * 10)  # the source is free again
