@@ -88,8 +88,11 @@ class Site:
         self.admin = self.server.token("admin")
         for node, uri in self.nodes.items():
             token = self.server.token("agent", cluster="bench")
+            # The agents' production intervals (the test helpers' 1 s / 2 s would
+            # add heartbeats and inventory reports to the server's measured CPU).
             self.agents.append(AgentProcess(self.server.url, token, node, uri,
-                                            self.work / f"agent-{node}").start())
+                                            self.work / f"agent-{node}", heartbeat=5,
+                                            inventory_interval=15).start())
         return self
 
     def __exit__(self, *exc: object) -> None:
