@@ -84,19 +84,33 @@ def vm_lock(root: Path, uuid: str) -> Iterator[None]:
 
     Taken before anything on the domain is touched, so one run never takes
     another's live backup job or new checkpoint for leftovers. The kernel
-    drops it when the process dies, however it dies.
+    drops it when the process dies, however it dies. The holder removes the
+    file when it is done (still holding the lock), so no file is left per VM
+    ever backed up; a process that locked a file that was removed meanwhile
+    sees that its inode is no longer the path's and opens the path again.
     """
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o755)
-    fd = os.open(root / f"{uuid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
+    path = root / f"{uuid}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise LockedError(f"another kura backup of VM {uuid} is running on this node",
                               hint="wait for it to finish") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed it after we opened it: again
+    try:
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
         os.close(fd)
 
 
