@@ -6,7 +6,9 @@ returns a :class:`~kura.repository.Repository` built on a
 repository (it hashes, compresses and encrypts here, on the node), while every
 object operation becomes an HTTPS request to the session, where the server
 checks it (see :mod:`kura.server.sessions`). Chunks are uploaded only when a
-``touch`` says the repository lacks them.
+``touch`` says the repository lacks them; ``touch_chunks`` checks (and touches)
+many at once, one request per ``schemas.TOUCH_MAX`` ids (the writer's inherited
+chunks).
 
 Errors map back onto the repository's: 404 → ``ObjectNotFound``, 507 →
 ``StorageFull``, a refusal → ``RepositoryError`` carrying the server's reason;
@@ -21,7 +23,7 @@ import base64
 import contextlib
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -95,6 +97,16 @@ class RemoteBackend:
 
     def touch(self, name: str) -> bool:
         return bool(self._do(name, "POST", "/touch", json={"name": name})["found"])
+
+    def touch_chunks(self, chunk_ids: Sequence[bytes]) -> set[bytes]:
+        """Touch many chunks, ``schemas.TOUCH_MAX`` per request; returns the missing ids."""
+        missing: set[bytes] = set()
+        for i in range(0, len(chunk_ids), schemas.TOUCH_MAX):
+            part = chunk_ids[i:i + schemas.TOUCH_MAX]
+            out = self._do("chunks", "POST", "/chunks/touch",
+                           json={"ids": [c.hex() for c in part]})
+            missing.update(bytes.fromhex(h) for h in schemas.ChunkIds.model_validate(out).ids)
+        return missing & set(chunk_ids)
 
     def stat(self, name: str) -> ObjectStat:
         out = self._do(name, "POST", "/stat", json={"name": name})

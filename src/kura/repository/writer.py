@@ -13,17 +13,20 @@ through a bounded in-flight window, so memory stays at about
 chunk id, asks the *sink* whether the chunk is already stored (which touches
 it, the GC mark) and otherwise compresses, seals and stores it.
 
-The sink is the one storage seam (``ChunkSink``): ``has(id)`` (touching) and
-``put(id, blob)``, plus ``flush()`` to make the puts durable before the index is
-written. ``StoreSink`` stores into the repository directly; a remote sink can
-upload blobs over HTTPS with the same hashing/compression/encryption on the
-client side.
+The sink is the one storage seam (``ChunkSink``): ``has(id)`` (touching),
+``has_many(ids)`` (touching; returns the missing ids) and ``put(id, blob)``, plus
+``flush()`` to make the puts durable before the index is written. ``StoreSink``
+stores into the repository directly (through a server when the repository's
+backend is the agent's ``RemoteBackend``); hashing, compression and encryption
+always happen here, on the client side.
 
 Incremental writes: ``add_disk(..., base=parent_entry)`` starts from the
 parent's chunk ids; every chunk not written is inherited (all of them when the
 size is unchanged; for a resized disk only chunks that are whole in both sizes,
 the rest is zero unless written). At ``finish`` the inherited chunks are
-touched, which protects them from a concurrent GC and proves they still exist.
+touched, which protects them from a concurrent GC and proves they still exist:
+``has_many`` in batches of ``TOUCH_BATCH`` ids (through a server, one request
+per batch instead of one per chunk).
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 from kura.errors import IntegrityError, KuraError, SnapshotNotFound, UsageError
 from kura.repository.index import ZERO_CHUNK, DiskIndex, chunk_count, chunk_length
@@ -54,6 +57,8 @@ from kura.repository.store import RepoStore, chunk_name, index_name, manifest_na
 log = logging.getLogger(__name__)
 
 _ZEROS: dict[int, bytearray] = {}
+# Inherited chunks are touched (``ChunkSink.has_many``) this many ids at a time.
+TOUCH_BATCH = 4096
 
 
 def is_zero(data: bytes | memoryview) -> bool:
@@ -71,6 +76,10 @@ class ChunkSink(Protocol):
 
     def has(self, chunk_id: bytes) -> bool: ...
 
+    def has_many(self, chunk_ids: Sequence[bytes]) -> set[bytes]:
+        """Touch the stored chunks of ``chunk_ids``; returns the ids that are missing."""
+        ...
+
     def put(self, chunk_id: bytes, blob: bytes | bytearray) -> None: ...
 
     def flush(self) -> None: ...
@@ -78,12 +87,21 @@ class ChunkSink(Protocol):
     def discard(self) -> None: ...
 
 
+@runtime_checkable
+class ChunkToucher(Protocol):
+    """A backend that touches many chunks in one call (the server's, see
+    :mod:`kura.agent.remote`); ``touch_chunks`` returns the missing ids."""
+
+    def touch_chunks(self, chunk_ids: Sequence[bytes]) -> set[bytes]: ...
+
+
 class StoreSink:
     """Stores chunks straight into the repository's backend, durable in batches.
 
     Chunks go into one backend write batch (``put`` without a per-chunk fsync);
     ``flush`` commits it, so they are durable and visible before the index that
-    names them is written.
+    names them is written. ``has_many`` is one ``touch_chunks`` call on a backend
+    that has it (the server's), otherwise a plain loop of touches.
     """
 
     def __init__(self, store: RepoStore) -> None:
@@ -92,6 +110,13 @@ class StoreSink:
 
     def has(self, chunk_id: bytes) -> bool:
         return self.store.has_chunk(chunk_id)
+
+    def has_many(self, chunk_ids: Sequence[bytes]) -> set[bytes]:
+        backend = self.store.backend
+        if isinstance(backend, ChunkToucher):
+            return backend.touch_chunks(chunk_ids)
+        has = self.store.has_chunk
+        return {c for c in chunk_ids if not has(c)}
 
     def put(self, chunk_id: bytes, blob: bytes | bytearray) -> None:
         self._batch.put(chunk_name(chunk_id), blob)
@@ -308,8 +333,16 @@ class DiskWriter:
             todo = sorted({c for c in inherited if c not in pipe.known})
         if not todo:
             return
-        missing = [c for c, ok in zip(todo, pipe.pool.map(pipe.sink.has, todo), strict=True)
-                   if not ok]
+        # In batches of TOUCH_BATCH ids (through a server, one request each): a loop of
+        # local touches is cheaper than a thread-pool hand-off per chunk. Several
+        # batches still go to the pool (a slow file system or the network in parallel).
+        batches = [todo[i:i + TOUCH_BATCH] for i in range(0, len(todo), TOUCH_BATCH)]
+        results = ([pipe.sink.has_many(batches[0])] if len(batches) == 1
+                   else pipe.pool.map(pipe.sink.has_many, batches))
+        gone: set[bytes] = set()
+        for r in results:
+            gone |= r
+        missing = [c for c in todo if c in gone]
         if missing:
             raise IntegrityError(
                 f"disk {self.name}: {len(missing)} chunk(s) of the parent restore point are "

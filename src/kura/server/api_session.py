@@ -3,7 +3,8 @@
 Object bodies travel as raw ``application/octet-stream``, chunk uploads usually
 as *packs* of several blobs (``POST .../chunks``); everything else is JSON.
 ``touch``, ``exists`` and ``stat`` are metadata calls of a few microseconds and
-run on the event loop; reads and writes of objects run in the thread pool.
+run on the event loop; reads and writes of objects, and ``chunks/touch`` (up to
+``TOUCH_MAX`` touches), run in the thread pool.
 
 Errors: 403 for what the session may not do, 404 for a missing object, 507 when
 the repository's storage is full, 409 for other repository errors.
@@ -133,6 +134,18 @@ async def touch(sid: Sid, body: schemas.ObjectRef, who: AgentP, ctx: Ctx) -> Res
     """Mark an object in use; found=False when it does not exist (then upload it)."""
     mgr, sess = _session(ctx, who, sid)
     return _found(_call(lambda: mgr.touch(sess, body.name)))
+
+
+@router.post("/{sid}/chunks/touch", response_model=schemas.ChunkIds)
+async def touch_chunks(sid: Sid, body: schemas.ChunkIds, who: AgentP,
+                       ctx: Ctx) -> schemas.ChunkIds:
+    """``touch`` for up to ``TOUCH_MAX`` chunk ids (hex) at once; answers the missing ones."""
+    ids = [bytes.fromhex(h) for h in body.ids]
+
+    def work() -> list[bytes]:
+        mgr, sess = _session(ctx, who, sid)
+        return _call(lambda: mgr.touch_chunks(sess, ids))
+    return schemas.ChunkIds(ids=[c.hex() for c in await run_in_threadpool(work)])
 
 
 @router.post("/{sid}/stat", response_model=schemas.StatOut)

@@ -339,6 +339,9 @@ JobOut.model_rebuild()
 # ---- remote data path -----------------------------------------------------
 
 ObjectName = Annotated[str, Field(min_length=1, max_length=512)]
+ChunkIdHex = Annotated[str, Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")]
+# At most this many chunk ids in one ``POST .../chunks/touch``.
+TOUCH_MAX = 4096
 
 
 class SessionBegin(Strict):
@@ -363,6 +366,10 @@ class RenameRequest(Strict):
 
 class SyncRequest(Strict):
     names: Annotated[list[ObjectName], Field(max_length=100_000)]
+
+
+class ChunkIds(Strict):
+    ids: Annotated[list[ChunkIdHex], Field(max_length=TOUCH_MAX)]
 
 
 class Found(BaseModel):

@@ -19,7 +19,8 @@ its own cluster that the server asked it to back up. What a session may do:
   session's write batch, which the agent's ``sync`` commits and which is always
   committed before the manifest is written), ``touch`` chunks (an id
   that exists is remembered as *present*; this is how only chunks the
-  repository lacks are sent), write the indexes and notes of the one new
+  repository lacks are sent; ``touch_chunks`` does it for up to
+  ``schemas.TOUCH_MAX`` ids in one request), write the indexes and notes of the one new
   restore point, its writer registration and the VM's source lock;
 * write the **manifest** last. The server opens it and every index it names
   with its own key, and accepts it only if the source is the session's VM,
@@ -298,6 +299,18 @@ class SessionManager:
             return self.backend.touch(name)
         self._may_read(sess, name)
         return self.backend.exists(name)
+
+    def touch_chunks(self, sess: Session, ids: list[bytes]) -> list[bytes]:
+        """``touch`` for many chunks at once (the same rule for each: a stored chunk is
+        touched and remembered as *present*); returns the missing ids, in order."""
+        touch = self.backend.touch
+        present: list[bytes] = []
+        missing: list[bytes] = []
+        for cid in ids:
+            (present if touch(chunk_name(cid)) else missing).append(cid)
+        with sess.lock:
+            sess.present.update(present)
+        return missing
 
     def write(self, sess: Session, name: str, data: bytes, *, create: bool) -> bool:
         if sess.kind != "backup":

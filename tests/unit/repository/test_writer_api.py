@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import pytest
 
 from kura.errors import IntegrityError, SnapshotNotFound, StorageFull, UsageError
 from kura.repository import LocalBackend, Repository, SourceRef, StoreSink
+from kura.repository.store import chunk_name
 from kura.repository.testing import TEST_CHUNK, FaultyBackend, make_repo, write_disk
 
 CS = TEST_CHUNK
@@ -27,6 +28,9 @@ class RecordingSink:
 
     def has(self, chunk_id: bytes) -> bool:
         return self.repo.has_chunk(chunk_id)
+
+    def has_many(self, chunk_ids: Sequence[bytes]) -> set[bytes]:
+        return {c for c in chunk_ids if not self.repo.has_chunk(c)}
 
     def put(self, chunk_id: bytes, blob: bytes | bytearray) -> None:
         # the server side checks what it stores
@@ -213,3 +217,54 @@ def test_release_happens_when_storing_fails(tmp_path: Path) -> None:
             d.finish()
         w.abort()
     assert bufs.out == 0
+
+
+def test_store_sink_has_many_touches_present_and_returns_missing(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r")
+    data = [os.urandom(CS) for _ in range(3)]
+    write_disk(repo, "img", b"".join(data))
+    ids = [repo.chunk_id(d) for d in data]
+    for cid in ids:
+        os.utime(tmp_path / "r" / chunk_name(cid), (1000, 1000))
+    absent = [repo.chunk_id(b"not stored %d" % i) for i in range(2)]
+    sink = StoreSink(repo.store)
+    assert sink.has_many([absent[0], *ids, absent[1]]) == set(absent)
+    assert sink.has_many([]) == set()
+    for cid in ids:  # touched: the GC mark
+        assert (tmp_path / "r" / chunk_name(cid)).stat().st_mtime > 1000
+    assert not any(repo.store.backend.exists(chunk_name(c)) for c in absent)
+
+
+def test_inherited_chunks_are_touched_in_batches(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from kura.repository import writer
+
+    repo = make_repo(tmp_path / "r")
+    data = os.urandom(7 * CS)
+    m1 = write_disk(repo, "img", data)
+    monkeypatch.setattr(writer, "TOUCH_BATCH", 3)
+    calls: list[int] = []
+    real = StoreSink.has_many
+
+    def counting(self: StoreSink, chunk_ids: Sequence[bytes]) -> set[bytes]:
+        calls.append(len(chunk_ids))
+        return real(self, chunk_ids)
+    monkeypatch.setattr(StoreSink, "has_many", counting)
+    monkeypatch.setattr(StoreSink, "has", lambda self, cid: pytest.fail("per-chunk touch"))
+    m2 = write_disk(repo, "img", data, parent=m1, base=m1.disks[0], only=[])
+    assert sorted(calls) == [1, 3, 3]
+    assert repo.open_disk(m2, "disk").pread(0, len(data)) == data
+    # A missing inherited chunk fails the backup with the same error as before,
+    # naming the first missing id (in id order) and the remedy.
+    ids = sorted({repo.chunk_id(data[i * CS:(i + 1) * CS]) for i in range(7)})
+    for cid in (ids[5], ids[2]):
+        (tmp_path / "r" / chunk_name(cid)).unlink()
+    calls.clear()
+    w = repo.begin_snapshot(SRC, node="n", parent=m2, kind="incremental")
+    w.add_disk("disk", len(data), base=m2.disks[0])
+    with pytest.raises(IntegrityError, match=f"2 chunk\\(s\\) of the parent restore point "
+                       f"are missing from the repository \\(first: {ids[2].hex()}\\)") as exc:
+        w.commit()
+    assert exc.value.hint is not None and "--full" in exc.value.hint
+    assert sorted(calls) == [1, 3, 3]
+    assert [m.id for m in repo.list_snapshots()] == [m1.id, m2.id]

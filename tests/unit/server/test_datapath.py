@@ -6,15 +6,16 @@ import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kura.agent.enrol import enrol
 from kura.agent.loop import Agent
-from kura.agent.remote import RemoteBackend, open_session
+from kura.agent.remote import RemoteBackend, RemoteSession, open_session
 from kura.agent.runner import TaskContext
 from kura.agent.testing import FAST, AgentThread, FakeCluster, FakeRunner, wait_for
-from kura.errors import RepositoryError
+from kura.errors import RepositoryError, ServerError
 from kura.repository import DiskEntry, Manifest, Repository, SourceRef
 from kura.repository.index import DiskIndex
 from kura.repository.store import index_name
@@ -353,3 +354,142 @@ def test_remote_batch_sends_packs_and_commits_after_them() -> None:
         batch.put(name, b"q" * 300)  # fills a pack at once: its sender sees the failure
     with pytest.raises(RepositoryError):
         batch.commit()  # and so does the commit: nothing claims to be durable
+
+
+
+def _open_backup_session(srv: RunningServer, fc: FakeCluster,
+                         node: str) -> tuple[ServerClient, RemoteSession]:
+    """A real backup session over HTTPS, for a task made by hand (no job)."""
+    from kura.catalog import Run, RunVm, Task
+
+    vm = fc.add("web1", node)
+    agent, _ = _agent(srv, fc, node, {})
+    try:
+        with srv.client() as c:
+            wait_for(lambda: c.inventory().clusters, what="inventory")
+    finally:
+        agent.kill()
+    creds = enrol(srv.url, srv.token("agent", cluster="lab"), node=node)
+    with srv.ctx.catalog.session() as s:
+        run = Run(job_name="by-hand", spec={})
+        s.add(run)
+        s.flush()
+        rv = RunVm(run_id=run.id, vm_uuid=vm.uuid, vm_name=vm.name)
+        s.add(rv)
+        s.flush()
+        task = Task(agent_id=creds.agent_id, run_vm_id=rv.id, kind="backup", state="sent")
+        s.add(task)
+        s.flush()
+        task_id = task.id
+    client = creds.client()
+    return client, open_session(client, task_id)
+
+
+def test_remote_touch_chunks_answers_the_missing_and_remembers_the_present(
+        tmp_path: Path, setup: tuple[RunningServer, Repository, FakeCluster],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kura.repository import StoreSink
+    from kura.repository.blob import MAGIC
+    from kura.repository.store import chunk_name
+
+    srv, repo, fc = setup
+    client, rsess = _open_backup_session(srv, fc, "node-a")
+    remote = rsess.repo.store.backend
+    assert isinstance(remote, RemoteBackend)
+    mgr = srv.ctx.sessions
+    assert mgr is not None
+    sess = mgr._sessions[rsess.session_id]
+    stored = [bytes([i]) * 32 for i in range(1, 6)]
+    for cid in stored:
+        repo.store.backend.write(chunk_name(cid), MAGIC + cid)
+        os.utime(tmp_path / "repo" / chunk_name(cid), (1000, 1000))
+    absent = [bytes([0xA0 + i]) * 32 for i in range(3)]
+    # Another session's upload, staged but not committed, is not present for this one.
+    other = repo.store.backend.write_batch()
+    other.put(chunk_name(absent[2]), MAGIC + b"staged")
+    requests: list[str] = []
+    real_do = RemoteBackend._do
+
+    def counting(self: RemoteBackend, name: str, method: str, path: str, **kw: Any) -> Any:
+        requests.append(path)
+        return real_do(self, name, method, path, **kw)
+    monkeypatch.setattr(RemoteBackend, "_do", counting)
+    limit = schemas.TOUCH_MAX
+    monkeypatch.setattr(schemas, "TOUCH_MAX", 3)  # the agent splits its requests
+    asked = [absent[0], *stored, absent[1], absent[2]]
+    assert remote.touch_chunks(asked) == set(absent)
+    assert requests == ["/chunks/touch"] * 3
+    # Only what exists becomes a chunk the manifest may name; never a missing one.
+    assert sess.present == set(stored)
+    for cid in stored:  # touched: the GC mark
+        assert (tmp_path / "repo" / chunk_name(cid)).stat().st_mtime > 1000
+    other.discard()
+    # The writer's sink uses it for has_many: one request, not one per chunk.
+    requests.clear()
+    assert StoreSink(rsess.repo.store).has_many(stored[:2] + absent[:1]) == {absent[0]}
+    assert requests == ["/chunks/touch"]
+    # Malformed input is refused before anything is touched; other agents are refused.
+    path = f"/api/agent/sessions/{rsess.session_id}/chunks/touch"
+    for body in ({"ids": ["zz" * 32]}, {"ids": ["ab" * 31]}, {"ids": ["AB" * 32]},
+                 {"ids": ["ab" * 32] * (limit + 1)}, {"ids": "ab" * 32},
+                 {"ids": [], "more": 1}, {"names": []}):
+        with pytest.raises(ServerError) as exc:
+            client.request("POST", path, json=body)
+        assert getattr(exc.value, "status", 0) == 422, body
+    stranger = enrol(srv.url, srv.token("agent", cluster="lab"), node="node-z").client()
+    with pytest.raises(ServerError) as exc:
+        stranger.request("POST", path, json={"ids": [stored[0].hex()]})
+    assert getattr(exc.value, "status", 0) == 403
+    assert client.request("POST", path, json={"ids": []}) == {"ids": []}
+    rsess.abort_quietly()
+
+
+def test_an_incremental_touches_its_inherited_chunks_in_batches(
+        tmp_path: Path, setup: tuple[RunningServer, Repository, FakeCluster],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kura.repository import writer
+    from kura.repository.store import chunk_name
+
+    srv, repo, fc = setup
+    vm = fc.add("web1", "node-a")
+    n = 40
+    disks = {"web1": bytearray(os.urandom(n * CHUNK))}
+    agent, runner = _agent(srv, fc, "node-a", disks)
+    requests: list[str] = []
+    real_do = RemoteBackend._do
+
+    def counting(self: RemoteBackend, name: str, method: str, path: str, **kw: Any) -> Any:
+        requests.append(path)
+        return real_do(self, name, method, path, **kw)
+    monkeypatch.setattr(RemoteBackend, "_do", counting)
+    monkeypatch.setattr(writer, "TOUCH_BATCH", 16)
+    try:
+        with srv.client() as c:
+            wait_for(lambda: c.inventory().clusters, what="inventory")
+            c.create_job(schemas.JobSpec(name="j", retries=0,
+                                         selection=schemas.Selection(all=True)))
+            assert _run(c, "j").status == "succeeded"
+            # The full backup asks once per chunk (the writer's per-chunk check).
+            assert requests.count("/touch") == n and "/chunks/touch" not in requests
+            requests.clear()
+            disks["web1"][3 * CHUNK:3 * CHUNK + 10] = b"x" * 10
+            runner.dirty["web1"] = {3}
+            run = _run(c, "j")
+            assert run.status == "succeeded" and run.vms[0].result["kind"] == "incremental"
+            # One touch for the changed chunk; the 39 inherited ones in 3 batches
+            # (before: 39 more single touches).
+            assert requests.count("/touch") == 1
+            assert requests.count("/chunks/touch") == 3
+            snaps = repo.list_snapshots(vm.uuid)
+            assert len(snaps) == 2
+            assert repo.open_disk(snaps[-1], "vda").pread(0, n * CHUNK) == bytes(disks["web1"])
+            # An inherited chunk that vanished fails the next incremental, as locally.
+            gone = repo.read_index(snaps[-1], "vda")[7]
+            (tmp_path / "repo" / chunk_name(gone)).unlink()
+            run = _run(c, "j")
+            assert run.status == "failed"
+            assert "missing from the repository" in run.vms[0].diagnosis
+            assert gone.hex() in run.vms[0].diagnosis
+            assert len(repo.list_snapshots(vm.uuid)) == 2
+    finally:
+        agent.kill()
