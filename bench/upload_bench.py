@@ -7,12 +7,14 @@ whose runner backs up in-memory disks through the real agent data path
 (:func:`kura.agent.remote.open_session`, the repository writer over
 ``RemoteBackend``). One job backs every VM up (``--per-node`` at once on each
 node), first into the empty repository (everything is uploaded), then again
-(everything is found stored). Prints, per round, the wall time, the server
+(everything is found stored; with ``--incremental`` as incrementals of the
+previous restore point that write nothing, so every chunk is an inherited one
+touched at the end). Prints, per round, the wall time, the server
 process's CPU seconds (user + system, from ``/proc``) per GiB of disk data and
 per GiB uploaded, and this process's CPU (the agents' side) for comparison.
 Not a timed test; a minute or so:
 
-    .venv/bin/python bench/upload_bench.py [--vms 8] [--mib 64] [--rounds 2]
+    .venv/bin/python bench/upload_bench.py [--vms 8] [--mib 64] [--rounds 2] [--incremental]
 """
 
 from __future__ import annotations
@@ -63,11 +65,12 @@ class UploadRunner(FakeRunner):
     """Backs a VM's in-memory disk up through the server, as the real agent does."""
 
     def __init__(self, cluster: FakeCluster, node: str, client: ServerClient,
-                 disks: dict[str, bytes], workers: int) -> None:
+                 disks: dict[str, bytes], workers: int, incremental: bool) -> None:
         super().__init__(cluster, node)
         self.client = client
         self.disks = disks
         self.workers = workers
+        self.incremental = incremental
 
     def backup(self, ctx: TaskContext) -> schemas.TaskResult:
         uuid, name = str(ctx.payload["vm_uuid"]), str(ctx.payload["vm_name"])
@@ -76,15 +79,20 @@ class UploadRunner(FakeRunner):
         try:
             repo = sess.repo
             cs = repo.chunk_size
-            with repo.begin_snapshot(SourceRef("vm", uuid, name), node=self.node, parent=None,
-                                     kind="full", workers=self.workers) as w:
-                dw = w.add_disk("vda", len(data))
-                for i in range(0, len(data), cs):
-                    dw.write_chunk(i // cs, data[i:i + cs])
+            parent = repo.latest(uuid) if self.incremental else None
+            with repo.begin_snapshot(SourceRef("vm", uuid, name), node=self.node, parent=parent,
+                                     kind="incremental" if parent else "full",
+                                     workers=self.workers) as w:
+                if parent is not None:  # nothing changed: every chunk is inherited
+                    dw = w.add_disk("vda", len(data), base=parent.disk("vda"))
+                else:
+                    dw = w.add_disk("vda", len(data))
+                    for i in range(0, len(data), cs):
+                        dw.write_chunk(i // cs, data[i:i + cs])
                 m = w.commit()
         finally:
             sess.abort_quietly()
-        return schemas.TaskResult(ok=True, snapshot=m.id, kind="full", consistency="crash",
+        return schemas.TaskResult(ok=True, snapshot=m.id, kind=m.kind, consistency="crash",
                                   bytes_read=len(data),
                                   bytes_stored=dw.stats["bytes_stored"])
 
@@ -96,6 +104,8 @@ def main() -> int:
     ap.add_argument("--per-node", type=int, default=2, help="backups at once per node")
     ap.add_argument("--workers", type=int, default=2, help="writer threads per backup")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--incremental", action="store_true",
+                    help="rounds after the first are incrementals that change nothing")
     ap.add_argument("--dir", default="/var/tmp", help="where the repository goes")
     ap.add_argument("--profile", metavar="FILE",
                     help="py-spy samples (raw) of the server during round 1 (needs py-spy)")
@@ -117,7 +127,8 @@ def main() -> int:
             disks[f"vm{i}"] = os.urandom(args.mib << 20)
         for node in nodes:
             creds = enrol(server.url, server.token("agent", cluster="bench"), node=node)
-            runner = UploadRunner(cluster, node, creds.client(), disks, args.workers)
+            runner = UploadRunner(cluster, node, creds.client(), disks, args.workers,
+                                  args.incremental)
             agents.append(AgentThread(Agent(creds.client(), runner, AgentSettings())))
         c = server.client(server.token("admin"))
         wait_for(lambda: sum(len(n.vms) for cl in c.inventory().clusters
