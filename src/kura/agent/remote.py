@@ -32,7 +32,7 @@ from kura.errors import RepositoryError, ServerError, StorageFull
 from kura.repository import ObjectNotFound, ObjectStat, Repository
 from kura.repository.config import RepoConfig
 from kura.repository.crypto import MasterKey
-from kura.repository.store import RepoStore
+from kura.repository.store import RepoStore, chunk_name
 from kura.server import schemas
 from kura.server.client import PACK_RECORD, ServerClient
 
@@ -49,6 +49,7 @@ class RemoteBackend:
         self.sid = session_id
         self._location = location
         self._base = f"/api/agent/sessions/{session_id}"
+        self._batch_touch = True  # until a server without ``chunks/touch`` says 404
 
     @property
     def location(self) -> str:
@@ -99,13 +100,24 @@ class RemoteBackend:
         return bool(self._do(name, "POST", "/touch", json={"name": name})["found"])
 
     def touch_chunks(self, chunk_ids: Sequence[bytes]) -> set[bytes]:
-        """Touch many chunks, ``schemas.TOUCH_MAX`` per request; returns the missing ids."""
+        """Touch many chunks, ``schemas.TOUCH_MAX`` per request; returns the missing ids.
+
+        A server older than this route answers 404: then every id is touched alone.
+        """
         missing: set[bytes] = set()
         for i in range(0, len(chunk_ids), schemas.TOUCH_MAX):
             part = chunk_ids[i:i + schemas.TOUCH_MAX]
-            out = self._do("chunks", "POST", "/chunks/touch",
-                           json={"ids": [c.hex() for c in part]})
-            missing.update(bytes.fromhex(h) for h in schemas.ChunkIds.model_validate(out).ids)
+            if self._batch_touch:
+                try:
+                    out = self._do("chunks", "POST", "/chunks/touch",
+                                   json={"ids": [c.hex() for c in part]})
+                except ObjectNotFound:
+                    self._batch_touch = False
+                else:
+                    missing.update(bytes.fromhex(h)
+                                   for h in schemas.ChunkIds.model_validate(out).ids)
+                    continue
+            missing.update(c for c in part if not self.touch(chunk_name(c)))
         return missing & set(chunk_ids)
 
     def stat(self, name: str) -> ObjectStat:

@@ -16,7 +16,7 @@ from kura.agent.remote import RemoteBackend, RemoteSession, open_session
 from kura.agent.runner import TaskContext
 from kura.agent.testing import FAST, AgentThread, FakeCluster, FakeRunner, wait_for
 from kura.errors import RepositoryError, ServerError
-from kura.repository import DiskEntry, Manifest, Repository, SourceRef
+from kura.repository import DiskEntry, Manifest, ObjectNotFound, Repository, SourceRef
 from kura.repository.index import DiskIndex
 from kura.repository.store import index_name
 from kura.server import schemas
@@ -441,6 +441,19 @@ def test_remote_touch_chunks_answers_the_missing_and_remembers_the_present(
         stranger.request("POST", path, json={"ids": [stored[0].hex()]})
     assert getattr(exc.value, "status", 0) == 403
     assert client.request("POST", path, json={"ids": []}) == {"ids": []}
+    # A server older than the route (404): the agent falls back to single touches.
+    sess.present.clear()
+
+    def old_server(self: RemoteBackend, name: str, method: str, path: str, **kw: Any) -> Any:
+        requests.append(path)
+        if path == "/chunks/touch":
+            raise ObjectNotFound(name, self.location)
+        return real_do(self, name, method, path, **kw)
+    monkeypatch.setattr(RemoteBackend, "_do", old_server)
+    requests.clear()
+    assert remote.touch_chunks(asked) == set(absent)
+    assert requests == ["/chunks/touch"] + ["/touch"] * len(asked)  # asks only once
+    assert sess.present == set(stored)
     rsess.abort_quietly()
 
 
