@@ -94,6 +94,12 @@ def _agent(srv: RunningServer, fc: FakeCluster, node: str, disks: dict[str, byte
     return AgentThread(Agent(creds.client(), runner, FAST)), runner
 
 
+def _job_over_all(c: ServerClient) -> None:
+    """Job "j" over every VM, without retries, once the inventory has arrived."""
+    wait_for(lambda: c.inventory().clusters, what="inventory")
+    c.create_job(schemas.JobSpec(name="j", retries=0, selection=schemas.Selection(all=True)))
+
+
 def _run(c: ServerClient, job: str) -> schemas.RunOut:
     run = c.run_job(job)
     wait_for(lambda: c.run(run.id).status != "running", 30, "run end")
@@ -190,9 +196,7 @@ def test_a_backup_that_dies_before_commit_leaves_nothing_and_the_next_succeeds(
     agent, runner = _agent(srv, fc, "node-a", disks, mode="crash")
     try:
         with srv.client() as c:
-            wait_for(lambda: c.inventory().clusters, what="inventory")
-            c.create_job(schemas.JobSpec(name="j", retries=0,
-                                         selection=schemas.Selection(all=True)))
+            _job_over_all(c)
             assert _run(c, "j").status == "failed"
             assert repo.list_snapshots(vm.uuid) == []
             assert srv.ctx.sessions is not None
@@ -212,9 +216,7 @@ def test_an_aborting_writer_removes_its_own_indexes_through_the_session(
     agent, runner = _agent(srv, fc, "node-a", disks, mode="abort")
     try:
         with srv.client() as c:
-            wait_for(lambda: c.inventory().clusters, what="inventory")
-            c.create_job(schemas.JobSpec(name="j", retries=0,
-                                         selection=schemas.Selection(all=True)))
+            _job_over_all(c)
             assert _run(c, "j").status == "failed"
         assert runner.aborted_indexes_left == []  # the session allowed the delete
         assert repo.list_snapshots(vm.uuid) == []
@@ -236,9 +238,7 @@ def test_uploads_are_durable_before_the_manifest_even_without_a_sync(
     backend = repo.store.backend
     try:
         with srv.client() as c:
-            wait_for(lambda: c.inventory().clusters, what="inventory")
-            c.create_job(schemas.JobSpec(name="j", retries=0,
-                                         selection=schemas.Selection(all=True)))
+            _job_over_all(c)
             assert _run(c, "j").status == "failed"
             assert srv.ctx.sessions is not None
             wait_for(lambda: not srv.ctx.sessions._sessions, what="session aborted")
@@ -478,9 +478,7 @@ def test_an_incremental_touches_its_inherited_chunks_in_batches(
     monkeypatch.setattr(writer, "TOUCH_BATCH", 16)
     try:
         with srv.client() as c:
-            wait_for(lambda: c.inventory().clusters, what="inventory")
-            c.create_job(schemas.JobSpec(name="j", retries=0,
-                                         selection=schemas.Selection(all=True)))
+            _job_over_all(c)
             assert _run(c, "j").status == "succeeded"
             # The full backup asks once per chunk (the writer's per-chunk check).
             assert requests.count("/touch") == n and "/chunks/touch" not in requests
