@@ -82,16 +82,23 @@ def read_object(sid: Sid, name: Name, who: AgentP, ctx: Ctx) -> Response:
     return Response(_call(lambda: mgr.read(sess, name)), media_type="application/octet-stream")
 
 
+async def _body(request: Request, what: str) -> bytes:
+    """The request's body, refused (413) when over MAX_BODY: before it is read when
+    Content-Length says so, else once read."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        raise HTTPException(413, f"{what} larger than {MAX_BODY} bytes")
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise HTTPException(413, f"{what} larger than {MAX_BODY} bytes")
+    return body
+
+
 @router.put("/{sid}/objects/{name:path}", response_model=schemas.Found)
 async def write_object(sid: Sid, name: Name, request: Request, who: AgentP, ctx: Ctx,
                        create: Annotated[bool, Query()] = False) -> Response:
     """Store an object (``create=true``: only if absent; found=False when it existed)."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY:  # refused before it is read
-        raise HTTPException(413, f"object larger than {MAX_BODY} bytes")
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise HTTPException(413, f"object larger than {MAX_BODY} bytes")
+    body = await _body(request, "object")
 
     def work() -> bool:
         mgr, sess = _session(ctx, who, sid)
@@ -103,12 +110,7 @@ async def write_object(sid: Sid, name: Name, request: Request, who: AgentP, ctx:
 async def write_chunks(sid: Sid, request: Request, who: AgentP, ctx: Ctx) -> schemas.Message:
     """Store several chunk blobs in one request (``application/octet-stream``): records
     of a 32-byte chunk id, the blob's length (u32, big-endian) and the blob."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY:
-        raise HTTPException(413, f"chunk pack larger than {MAX_BODY} bytes")
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise HTTPException(413, f"chunk pack larger than {MAX_BODY} bytes")
+    body = await _body(request, "chunk pack")
 
     def work() -> int:
         mgr, sess = _session(ctx, who, sid)
