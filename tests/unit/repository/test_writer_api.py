@@ -45,6 +45,13 @@ class RecordingSink:
         pass
 
 
+class BrokenSink(StoreSink):
+    """Every store fails, as a cut connection would."""
+
+    def put(self, chunk_id: bytes, blob: bytes | bytearray) -> None:
+        raise IntegrityError("the wire broke")
+
+
 def test_custom_sink(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r")
     sink = RecordingSink(repo)
@@ -116,11 +123,7 @@ def test_parent_checks(tmp_path: Path) -> None:
 def test_worker_error_surfaces(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r")
 
-    class Broken(StoreSink):
-        def put(self, chunk_id: bytes, blob: bytes | bytearray) -> None:
-            raise IntegrityError("the wire broke")
-
-    with repo.begin_snapshot(SRC, node="n", sink=Broken(repo.store)) as w:
+    with repo.begin_snapshot(SRC, node="n", sink=BrokenSink(repo.store)) as w:
         d = w.add_disk("disk", 4 * CS)
         with pytest.raises(IntegrityError, match="wire broke"):
             for i in range(4):
@@ -204,11 +207,7 @@ def test_release_happens_when_storing_fails(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r")
     bufs = Buffers()
 
-    class Broken(StoreSink):
-        def put(self, chunk_id: bytes, blob: bytes | bytearray) -> None:
-            raise IntegrityError("the wire broke")
-
-    with repo.begin_snapshot(SRC, node="n", sink=Broken(repo.store)) as w:
+    with repo.begin_snapshot(SRC, node="n", sink=BrokenSink(repo.store)) as w:
         d = w.add_disk("disk", 8 * CS)
         with pytest.raises(IntegrityError, match="wire broke"):
             for i in range(8):
