@@ -37,8 +37,11 @@ def test_full_then_incrementals_restore_each_point(lab: Lab, lab_vm, repo: Repos
             points.append((r, copier.copies["vda"]))
     kinds = [r.kind for r, _ in points]
     assert kinds == ["full", "incremental", "incremental"]
-    # Incrementals read only what changed.
-    assert points[1][0].bytes_read < points[0][0].bytes_read
+    # Incrementals read only what changed, not every allocated byte of their view
+    # (the full is no yardstick: the workload keeps adding data, and a fresh guest's
+    # disk holds little more than one incremental's worth of 1 MiB chunks).
+    for r, view in points[1:]:
+        assert r.bytes_read < view.stat().st_blocks * 512, r.restore_point
     chain = repo.list_snapshots(vm.uuid)
     assert [m.parent for m in chain] == [None, chain[0].id, chain[1].id]
     assert chain[2].meta["checkpoint"]["name"] == f"kura-{chain[2].id}"
