@@ -37,16 +37,17 @@ import mmap
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 from urllib.parse import unquote, urlparse
 
 from kura.errors import IntegrityError, RepositoryError, StorageFull, UsageError
 
 TMP_DIR = "tmp"
+T = TypeVar("T")
 # Directory fsyncs issued at once by ``LocalBackend.sync_dirs``, and file fsyncs
 # issued at once by a write batch's commit.
 _SYNC_THREADS = 32
@@ -183,6 +184,18 @@ DIRECT_MIN = 64 << 10
 DIRECT_ALIGN = 4096
 DIRECT_BUFFER = (4 << 20) + DIRECT_ALIGN
 _BUFFERS = _BufferPool(keep=8)
+
+
+def _all_at_once(fn: Callable[[T], None], items: Sequence[T], thread_name: str) -> None:
+    """``fn(item)`` for every item, up to ``_SYNC_THREADS`` at once (concurrent fsyncs
+    share the file system's journal commits); waits for all, raises the first failure."""
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(_SYNC_THREADS, len(items)),
+                            thread_name_prefix=thread_name) as pool:
+        list(pool.map(fn, items))
 
 
 def _into_place(op: Callable[[Path, Path], None], tmp: Path, path: Path) -> None:
@@ -421,15 +434,8 @@ class LocalBackend:
         0.04 s on a quiet disk); issued together they share commits. Every
         fsync is waited for, and the first failure is raised.
         """
-        dirs = sorted({self._path(n).parent for n in names})
-        if len(dirs) <= 1:
-            for d in dirs:
-                self._sync_one(d)
-            return
-        with ThreadPoolExecutor(max_workers=min(_SYNC_THREADS, len(dirs)),
-                                thread_name_prefix="kura-dirsync") as pool:
-            # list(): wait for all of them, and raise the first failure.
-            list(pool.map(self._sync_one, dirs))
+        _all_at_once(self._sync_one, sorted({self._path(n).parent for n in names}),
+                     "kura-dirsync")
 
     def _sync_one(self, d: Path) -> None:
         try:
@@ -517,12 +523,7 @@ class LocalWriteBatch:
                     os.close(fd)
             except OSError as exc:
                 raise self._backend._fail(exc, name, "writing") from exc
-        if len(staged) == 1:
-            sync(staged[0])
-            return
-        with ThreadPoolExecutor(max_workers=min(_SYNC_THREADS, len(staged)),
-                                thread_name_prefix="kura-filesync") as pool:
-            list(pool.map(sync, staged))  # wait for all; raise the first failure
+        _all_at_once(sync, staged, "kura-filesync")
 
     def discard(self) -> None:
         """Drop every staged object (nothing of it was visible)."""

@@ -290,11 +290,10 @@ class SessionManager:
     def touch(self, sess: Session, name: str) -> bool:
         m = _CHUNK.match(name)
         if m is not None:
-            found = self.backend.touch(name)
-            if found:
-                with sess.lock:
-                    sess.present.add(bytes.fromhex(m.group(1)))
-            return found
+            cid = bytes.fromhex(m.group(1))
+            if name != chunk_name(cid):  # no chunk is stored under another folder
+                return False
+            return not self.touch_chunks(sess, [cid])
         if name in sess.created:
             return self.backend.touch(name)
         self._may_read(sess, name)
@@ -317,11 +316,7 @@ class SessionManager:
             raise Refused("a restore session writes nothing to the repository")
         m = _CHUNK.match(name)
         if m is not None:
-            if sess.batch is None:
-                raise Refused("a restore session writes nothing to the repository")
-            sess.batch.put(name, data)
-            with sess.lock:
-                sess.uploaded.add(bytes.fromhex(m.group(1)))
+            self._stage_chunk(sess, bytes.fromhex(m.group(1)), data)
             return True
         if _WRITER.match(name) or name == source_lock_name(sess.vm_uuid):
             done = True
@@ -363,11 +358,17 @@ class SessionManager:
             pos += size
             if blob[:len(MAGIC)] != MAGIC:
                 raise Refused(f"chunk {cid.hex()} is not a kura blob")
-            sess.batch.put(chunk_name(cid), blob)
-            with sess.lock:
-                sess.uploaded.add(cid)
+            self._stage_chunk(sess, cid, blob)
             count += 1
         return count
+
+    def _stage_chunk(self, sess: Session, cid: bytes, blob: bytes | memoryview) -> None:
+        """One uploaded chunk: staged in the session's batch, remembered as *uploaded*."""
+        if sess.batch is None:
+            raise Refused("a restore session writes nothing to the repository")
+        sess.batch.put(chunk_name(cid), blob)
+        with sess.lock:
+            sess.uploaded.add(cid)
 
     def delete(self, sess: Session, name: str) -> None:
         if name in sess.created or _BROKEN.match(name):
