@@ -30,6 +30,7 @@ from pathlib import Path
 from kura.engine.qcow2 import Qcow2Writer
 from kura.errors import UsageError
 from kura.repository import Manifest, Repository
+from kura.repository.backend import fsync_dir
 from kura.repository.index import ZERO_CHUNK
 from kura.repository.reader import write_chunks, write_error
 
@@ -71,17 +72,9 @@ def write_disk(repo: Repository, manifest: Manifest, disk: str, output: Path, fm
         finally:
             os.close(fd)
         os.rename(tmp, output)
-        _fsync_dir(output.parent)
+        fsync_dir(output.parent)
     except OSError as exc:
         raise write_error(exc, output) from None
     finally:
         tmp.unlink(missing_ok=True)
     return entry.size
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -198,6 +198,15 @@ def _all_at_once(fn: Callable[[T], None], items: Sequence[T], thread_name: str) 
         list(pool.map(fn, items))
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (names created, renamed) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _into_place(op: Callable[[Path, Path], None], tmp: Path, path: Path) -> None:
     """``op(tmp, path)`` (rename or link), creating ``path``'s folder on first use."""
     try:
@@ -235,14 +244,6 @@ class LocalBackend:
                 hint="free space or move the repository; existing restore points are intact",
             )
         return RepositoryError(f"cannot {action.split()[0]} {path}: {exc.strerror or exc}")
-
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _open_tmp(self, flags: int) -> tuple[Path, int]:
         tmp_dir = self.root / TMP_DIR
@@ -316,7 +317,7 @@ class LocalBackend:
                 tmp.unlink(missing_ok=True)
                 raise
             if sync_dir:
-                self._fsync_dir(path.parent)
+                fsync_dir(path.parent)
         except OSError as exc:
             raise self._fail(exc, name, "writing") from exc
 
@@ -334,7 +335,7 @@ class LocalBackend:
                 return self._create_excl(path, data)  # no hard links (some FUSE/SMB)
             finally:
                 tmp.unlink(missing_ok=True)
-            self._fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return True
         except OSError as exc:
             raise self._fail(exc, name, "creating") from exc
@@ -351,7 +352,7 @@ class LocalBackend:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def exists(self, name: str) -> bool:
@@ -439,7 +440,7 @@ class LocalBackend:
 
     def _sync_one(self, d: Path) -> None:
         try:
-            self._fsync_dir(d)
+            fsync_dir(d)
         except OSError as exc:
             raise self._fail(exc, str(d.relative_to(self.root)), "syncing") from exc
 

@@ -41,6 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from kura.errors import IntegrityError, KuraError, RepositoryError, StorageFull
+from kura.repository.backend import fsync_dir
 from kura.repository.index import ZERO_CHUNK, chunk_length
 from kura.repository.manifest import DiskEntry, Manifest
 from kura.repository.store import RepoStore
@@ -305,11 +306,7 @@ def restore_disk(reader: DiskReader, output: Path, *, workers: int = 2,
         fd = -1
         if tmp is not None:
             os.rename(tmp, output)
-            dfd = os.open(output.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(output.parent)
             tmp = None
     except OSError as exc:
         raise write_error(exc, output) from None
