@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,6 +36,9 @@ from kura.repository.crypto import MasterKey
 from kura.repository.store import RepoStore, chunk_name
 from kura.server import schemas
 from kura.server.client import PACK_RECORD, ServerClient
+from kura.server.dataport import DataAddress, DataChannel
+
+log = logging.getLogger(__name__)
 
 # Chunk blobs are sent in packs of about this many bytes (see RemoteWriteBatch).
 PACK_BYTES = 4 << 20
@@ -42,11 +46,17 @@ _CHUNK_NAME = re.compile(r"^chunks/[0-9a-f]{2}/([0-9a-f]{64})$")
 
 
 class RemoteBackend:
-    """A :class:`~kura.repository.Backend` that forwards to a server session."""
+    """A :class:`~kura.repository.Backend` that forwards to a server session.
 
-    def __init__(self, client: ServerClient, session_id: str, location: str) -> None:
+    With a ``data`` channel (the server's data port), chunk presence checks and
+    chunk uploads go there instead of to the HTTPS routes.
+    """
+
+    def __init__(self, client: ServerClient, session_id: str, location: str,
+                 data: DataChannel | None = None) -> None:
         self.client = client
         self.sid = session_id
+        self.data = data
         self._location = location
         self._base = f"/api/agent/sessions/{session_id}"
         self._batch_touch = True  # until a server without ``chunks/touch`` says 404
@@ -97,6 +107,9 @@ class RemoteBackend:
             self._do(name, "DELETE", self._obj(name))
 
     def touch(self, name: str) -> bool:
+        m = _CHUNK_NAME.match(name)
+        if m is not None and self.data is not None:
+            return not self.data.has([bytes.fromhex(m.group(1))])
         return bool(self._do(name, "POST", "/touch", json={"name": name})["found"])
 
     def touch_chunks(self, chunk_ids: Sequence[bytes]) -> set[bytes]:
@@ -107,6 +120,9 @@ class RemoteBackend:
         missing: set[bytes] = set()
         for i in range(0, len(chunk_ids), schemas.TOUCH_MAX):
             part = chunk_ids[i:i + schemas.TOUCH_MAX]
+            if self.data is not None:
+                missing |= self.data.has(part)
+                continue
             if self._batch_touch:
                 try:
                     out = self._do("chunks", "POST", "/chunks/touch",
@@ -170,6 +186,9 @@ class RemoteWriteBatch:
             with self._cond:
                 self._names.append(name)
             return
+        if self._backend.data is not None:  # straight to the data port
+            self._backend.data.put(bytes.fromhex(m.group(1)), data)
+            return
         record = PACK_RECORD.pack(bytes.fromhex(m.group(1)), len(data)) + bytes(data)
         with self._cond:
             if self._failed is not None:
@@ -210,6 +229,10 @@ class RemoteWriteBatch:
             if self._failed is not None:
                 raise RepositoryError(f"a chunk upload failed: {self._failed}")
             names, self._names = self._names, []
+        if self._backend.data is not None:
+            self._backend.data.sync()
+            if not names:
+                return
         self._backend.sync_dirs(names)
 
     def discard(self) -> None:
@@ -229,14 +252,30 @@ class RemoteSession:
         return bool(schemas.SessionEnded.model_validate(out).committed)
 
     def abort_quietly(self) -> None:
-        with contextlib.suppress(ServerError):  # the server aborts silent sessions itself
-            self.end()
+        """End the session (aborting it unless committed) and close its data connections."""
+        try:
+            with contextlib.suppress(ServerError):  # the server aborts silent sessions itself
+                self.end()
+        finally:
+            backend = self.repo.store.backend
+            if isinstance(backend, RemoteBackend) and backend.data is not None:
+                backend.data.close()
 
 
 def open_session(client: ServerClient, task_id: int) -> RemoteSession:
     data = client.request("POST", "/api/agent/sessions", json={"task_id": task_id})
     opened = schemas.SessionOpened.model_validate(data)
-    backend = RemoteBackend(client, opened.session_id, opened.location)
+    channel = None
+    if opened.data_port and opened.data_secret:
+        port = client.data_port or opened.data_port
+        channel = DataChannel(DataAddress(client.host, port, opened.session_id,
+                                          opened.data_secret), client.ssl_context)
+        try:
+            channel.open()
+        except ServerError as exc:  # a firewall in the way: the HTTPS routes still work
+            log.warning("%s; chunks go over HTTPS instead (slower)", exc.message)
+            channel = None
+    backend = RemoteBackend(client, opened.session_id, opened.location, channel)
     where = f"{opened.location}/config"
     config = RepoConfig.from_json(base64.b64decode(opened.config), where)
     master = MasterKey.from_bytes(base64.b64decode(opened.master_key))

@@ -47,9 +47,14 @@ log = logging.getLogger(__name__)
               metavar="SECONDS")
 @click.option("--max-tasks", type=int, default=4, show_default=True,
               help="VMs this node backs up at once (the server's job limits apply too).")
+@click.option("--data-port", type=click.IntRange(1, 65535), envvar="KURA_DATA_PORT",
+              metavar="PORT", help="The server's data port as this node reaches it, on the "
+              "--server host (default: the port the server names; set it when a port "
+              "forward or NAT sits in between).")
 def agent(server: str, token: str | None, connect: str, ca: Path | None, state_dir: Path,
           node: str | None, scratch_dir: Path | None, libvirt_admin: str | None,
-          heartbeat: float, inventory_interval: float, max_tasks: int) -> None:
+          heartbeat: float, inventory_interval: float, max_tasks: int,
+          data_port: int | None) -> None:
     """Run the kura agent of this node: report inventory, run dispatched backups.
 
     The first start enrols with a one-time token from `kura server token create
@@ -78,6 +83,7 @@ def agent(server: str, token: str | None, connect: str, ca: Path | None, state_d
     err_console.print(f"kura agent: node {creds.node} of cluster {creds.cluster}, "
                       f"server {creds.server}", highlight=False)
     client = creds.client()
+    client.data_port = data_port
     return_large_buffers()
     settings = AgentSettings(heartbeat_interval=heartbeat, inventory_interval=inventory_interval,
                              max_tasks=max_tasks)

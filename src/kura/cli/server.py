@@ -111,10 +111,15 @@ def _open_repo(location: str, create: bool) -> Repository:
               help="Extra host name or address for the certificate (repeatable).")
 @click.option("--dead-after", type=float, default=45.0, show_default=True,
               help="Seconds of silence after which an agent's node is unreachable.")
+@click.option("--data-listen", default="auto", show_default=True, metavar="HOST:PORT|auto|off",
+              help="Data port for the agents' chunk uploads (TLS, same certificate); auto: "
+                   "the --listen address with the next port. off: chunks go over HTTPS "
+                   "(slower).")
 @click.pass_context
 def server(ctx: click.Context, listen: str, state_dir: Path, catalog: str | None,
            repo_opt: str | None, tls_cert: Path | None, tls_key: Path | None,
-           tls_ca: Path | None, names: tuple[str, ...], dead_after: float) -> None:
+           tls_ca: Path | None, names: tuple[str, ...], dead_after: float,
+           data_listen: str) -> None:
     """Run the kura server: catalog, scheduler, job engine and HTTPS API.
 
     On first start it creates its own CA and certificate in STATE_DIR. Make the
@@ -134,7 +139,7 @@ def server(ctx: click.Context, listen: str, state_dir: Path, catalog: str | None
 
     cfg = ServerConfig(listen=listen, state_dir=state_dir, catalog=catalog, tls_cert=tls_cert,
                        tls_key=tls_key, tls_ca=tls_ca, dead_after=dead_after,
-                       extra_names=names)
+                       extra_names=names, data_listen=data_listen)
     repo = _open_repo(repo_opt or st.repo_location, create=True)
     storage = RepositoryStorage(repo)
 

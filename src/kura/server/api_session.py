@@ -19,11 +19,10 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from kura.errors import KuraError, StorageFull, UsageError
-from kura.repository import ObjectNotFound
+from kura.errors import KuraError
 from kura.server import schemas
 from kura.server.deps import AgentP, Ctx
-from kura.server.sessions import Refused, Session, SessionManager
+from kura.server.sessions import Session, SessionManager, error_status
 
 router = APIRouter(prefix="/api/agent/sessions", tags=["data path"])
 Sid = Annotated[str, Path(min_length=1, max_length=64)]
@@ -41,16 +40,10 @@ def _manager(ctx: Ctx) -> SessionManager:
 def _call(fn: Callable[[], T]) -> T:
     try:
         return fn()
-    except Refused as exc:
-        raise HTTPException(403, str(exc)) from exc
-    except ObjectNotFound as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except StorageFull as exc:
-        raise HTTPException(507, str(exc)) from exc
-    except UsageError as exc:
-        raise HTTPException(400, str(exc)) from exc
     except KuraError as exc:
-        raise HTTPException(409, f"{type(exc).__name__}: {exc}") from exc
+        status = error_status(exc)
+        raise HTTPException(status, str(exc) if status != 409
+                            else f"{type(exc).__name__}: {exc}") from exc
 
 
 def _found(found: bool) -> Response:
@@ -70,9 +63,11 @@ def begin(body: schemas.SessionBegin, who: AgentP, ctx: Ctx) -> schemas.SessionO
     mgr = _manager(ctx)
     sess, key = _call(lambda: mgr.begin(who.id, body.task_id))
     config = _call(lambda: mgr.backend.read("config"))
+    port = ctx.data_port if sess.kind == "backup" else None
     return schemas.SessionOpened(session_id=sess.id, master_key=base64.b64encode(key).decode(),
                                  config=base64.b64encode(config).decode(),
-                                 location=f"kura-server:{mgr.repo.id}")
+                                 location=f"kura-server:{mgr.repo.id}", data_port=port,
+                                 data_secret=sess.data_secret if port else None)
 
 
 @router.get("/{sid}/objects/{name:path}", response_class=Response,

@@ -16,6 +16,7 @@ import ssl
 import struct
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from cryptography import x509
@@ -66,7 +67,9 @@ class ServerClient:
         if not url.startswith("https://") and transport is None:
             raise UsageError(f"the server URL must start with https:// (got {url!r})")
         self.url = url.rstrip("/")
-        verify: ssl.SSLContext | bool = tls.client_context(ca, ca_pem)
+        self.host = urlsplit(self.url).hostname or "127.0.0.1"
+        self.data_port: int | None = None  # the data port as reached from here, if not the named
+        verify = self.ssl_context = tls.client_context(ca, ca_pem)
         self._http = httpx.Client(base_url=self.url, verify=verify, timeout=timeout,
                                   headers={"Authorization": f"Bearer {token}"},
                                   transport=transport)

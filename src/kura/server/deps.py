@@ -40,6 +40,7 @@ class ServerContext:
     ca_fingerprint: str
     dead_after: float
     sessions: SessionManager | None = None
+    data_port: int | None = None  # where the data port listens, once it does
     auth_cache: AuthCache = field(default_factory=lambda: AuthCache())
 
 

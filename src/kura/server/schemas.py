@@ -353,6 +353,10 @@ class SessionOpened(BaseModel):
     master_key: str  # base64; see the threat model in docs/design.md
     config: str      # base64 of the repository's config object
     location: str
+    # The data port (kura.server.dataport) for this session's chunks, on the server's
+    # host, and the session's credential there; None: use the HTTPS routes.
+    data_port: int | None = None
+    data_secret: str | None = None
 
 
 class ObjectRef(Strict):

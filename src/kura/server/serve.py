@@ -21,6 +21,7 @@ from kura.procmem import return_large_buffers
 from kura.repository import Repository
 from kura.server import DEFAULT_LISTEN, DEFAULT_STATE_DIR, tls
 from kura.server.app import create_app
+from kura.server.dataport import DataPort
 from kura.server.deps import ServerContext
 from kura.server.engine import EngineSettings, JobEngine
 from kura.server.repo_storage import RepositoryStorage
@@ -48,6 +49,7 @@ class ServerConfig:
     tls_ca: Path | None = None
     dead_after: float = 45.0
     extra_names: tuple[str, ...] = field(default_factory=tuple)
+    data_listen: str = "auto"  # HOST:PORT, "auto" (listen's port + 1) or "off"
 
     @property
     def catalog_location(self) -> str:
@@ -81,11 +83,38 @@ def build_context(cfg: ServerConfig, repo: Repository | None,
     return ctx, files
 
 
+def data_address(cfg: ServerConfig, api_port: int) -> tuple[str, int] | None:
+    """Where the data port listens: None when it is off."""
+    if cfg.data_listen == "off":
+        return None
+    if cfg.data_listen == "auto":
+        host, _ = parse_listen(cfg.listen)
+        return host, api_port + 1 if api_port else 0
+    return parse_listen(cfg.data_listen)
+
+
+def start_data_port(cfg: ServerConfig, ctx: ServerContext, files: tls.TlsFiles,
+                    api_port: int) -> DataPort | None:
+    """Start the data port (see :mod:`kura.server.dataport`) and tell ``ctx`` its port."""
+    where = data_address(cfg, api_port)
+    if where is None or ctx.sessions is None:
+        return None
+    port = DataPort(ctx.sessions, tls.server_context(files), *where)
+    ctx.data_port = port.start()
+    log.info("kura data port on %s:%d", where[0], ctx.data_port)
+    return port
+
+
 def serve(cfg: ServerConfig, ctx: ServerContext, files: tls.TlsFiles) -> None:
     host, port = parse_listen(cfg.listen)
     return_large_buffers()  # request bodies and chunk buffers go back to the system
     app = create_app(ctx)
+    data = start_data_port(cfg, ctx, files, port)
     log.info("kura server on https://%s:%d (CA fingerprint %s)", host, port, ctx.ca_fingerprint)
-    uvicorn.run(app, host=host, port=port, ssl_certfile=str(files.cert),
-                ssl_keyfile=str(files.key), log_level="warning", access_log=False,
-                timeout_keep_alive=30)
+    try:
+        uvicorn.run(app, host=host, port=port, ssl_certfile=str(files.cert),
+                    ssl_keyfile=str(files.key), log_level="warning", access_log=False,
+                    timeout_keep_alive=30)
+    finally:
+        if data is not None:
+            data.stop()

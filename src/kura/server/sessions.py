@@ -41,6 +41,7 @@ catalog only for that clean-up.
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import logging
 import re
@@ -53,7 +54,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 
 from kura.catalog import Agent, BackupSession, Catalog, RunVm, Task, Vm
-from kura.errors import IntegrityError, KuraError, ServerError, UsageError
+from kura.errors import IntegrityError, KuraError, ServerError, StorageFull, UsageError
 from kura.repository import ZERO_CHUNK, Manifest, ObjectNotFound, ObjectStat, Repository
 from kura.repository.backend import WriteBatch
 from kura.repository.blob import MAGIC
@@ -73,6 +74,19 @@ class Refused(ServerError):
     """The session may not do this (HTTP 403)."""
 
 
+def error_status(exc: KuraError) -> int:
+    """The HTTP status a session operation's error is answered with (API and data port)."""
+    if isinstance(exc, Refused):
+        return 403
+    if isinstance(exc, ObjectNotFound):
+        return 404
+    if isinstance(exc, StorageFull):
+        return 507
+    if isinstance(exc, UsageError):
+        return 400
+    return 409
+
+
 @dataclass
 class Session:
     id: str
@@ -90,6 +104,9 @@ class Session:
     committed: bool = False
     touched: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # The data port's credential for this session (see kura.server.dataport): given to
+    # the agent when the session opens, never logged.
+    data_secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
 
 
 class SessionManager:
@@ -157,6 +174,16 @@ class SessionManager:
             sess = self._sessions.get(sid)
         if sess is None or sess.agent_id != agent_id:
             raise Refused(f"no open session {sid} for this agent (aborted or never opened)")
+        sess.touched = time.monotonic()
+        return sess
+
+    def data_session(self, sid: str, secret: str) -> Session:
+        """The open session a data port connection names, if ``secret`` is its own."""
+        with self._lock:
+            sess = self._sessions.get(sid)
+        if sess is None or not hmac.compare_digest(sess.data_secret.encode(),
+                                                   secret.encode()):
+            raise Refused(f"no open session {sid} with that data secret")
         sess.touched = time.monotonic()
         return sess
 
@@ -316,7 +343,7 @@ class SessionManager:
             raise Refused("a restore session writes nothing to the repository")
         m = _CHUNK.match(name)
         if m is not None:
-            self._stage_chunk(sess, bytes.fromhex(m.group(1)), data)
+            self.put_chunk(sess, bytes.fromhex(m.group(1)), data)
             return True
         if _WRITER.match(name) or name == source_lock_name(sess.vm_uuid):
             done = True
@@ -354,18 +381,18 @@ class SessionManager:
             pos += PACK_RECORD.size
             if not size or pos + size > len(view):
                 raise UsageError("truncated chunk pack")
-            blob = view[pos:pos + size]
+            self.put_chunk(sess, cid, view[pos:pos + size])
             pos += size
-            if blob[:len(MAGIC)] != MAGIC:
-                raise Refused(f"chunk {cid.hex()} is not a kura blob")
-            self._stage_chunk(sess, cid, blob)
             count += 1
         return count
 
-    def _stage_chunk(self, sess: Session, cid: bytes, blob: bytes | memoryview) -> None:
-        """One uploaded chunk: staged in the session's batch, remembered as *uploaded*."""
+    def put_chunk(self, sess: Session, cid: bytes, blob: bytes | memoryview) -> None:
+        """One uploaded chunk (a pack's record, or a data port PUT): a kura blob, staged
+        in the session's batch and remembered as *uploaded*."""
         if sess.batch is None:
             raise Refused("a restore session writes nothing to the repository")
+        if blob[:len(MAGIC)] != MAGIC:
+            raise Refused(f"chunk {cid.hex()} is not a kura blob")
         sess.batch.put(chunk_name(cid), blob)
         with sess.lock:
             sess.uploaded.add(cid)

@@ -34,8 +34,9 @@ from kura.repository import Repository
 from kura.server import auth
 from kura.server.app import create_app
 from kura.server.client import ServerClient
+from kura.server.dataport import DataPort
 from kura.server.deps import ServerContext
-from kura.server.serve import ServerConfig, build_context
+from kura.server.serve import ServerConfig, build_context, start_data_port
 from kura.server.tls import TlsFiles
 
 
@@ -47,6 +48,7 @@ class RunningServer:
     files: TlsFiles
     server: uvicorn.Server
     thread: threading.Thread
+    data: DataPort | None = None
 
     def token(self, role: str, *, cluster: str | None = None,
               ttl: timedelta | None = None) -> str:
@@ -60,12 +62,16 @@ class RunningServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+        if self.data is not None:
+            self.data.stop()
         self.ctx.catalog.close()
 
 
 def start_server(state_dir: Path, *, port: int = 0, dead_after: float = 3.0,
-                 repo: Repository | None = None) -> RunningServer:
-    cfg = ServerConfig(listen=f"127.0.0.1:{port}", state_dir=state_dir, dead_after=dead_after)
+                 repo: Repository | None = None, data_port: bool = True) -> RunningServer:
+    """``data_port``: also start the data port (on a free port); False: HTTPS only."""
+    cfg = ServerConfig(listen=f"127.0.0.1:{port}", state_dir=state_dir, dead_after=dead_after,
+                       data_listen="127.0.0.1:0" if data_port else "off")
     ctx, files = build_context(cfg, repo)
     app = create_app(ctx)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, ssl_certfile=str(files.cert),
@@ -80,8 +86,9 @@ def start_server(state_dir: Path, *, port: int = 0, dead_after: float = 3.0,
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     real_port = server.servers[0].sockets[0].getsockname()[1]
+    data = start_data_port(cfg, ctx, files, real_port)
     return RunningServer(url=f"https://127.0.0.1:{real_port}", port=real_port, ctx=ctx,
-                         files=files, server=server, thread=thread)
+                         files=files, server=server, thread=thread, data=data)
 
 
 # ---- real processes, for the lab tests ------------------------------------
@@ -120,8 +127,9 @@ class ServerProcess(_Child):
     """``kura server`` as a child process (so that a test can SIGKILL it)."""
 
     def __init__(self, state_dir: Path, repo: Path, *, port: int | None = None,
-                 dead_after: float = 6.0) -> None:
+                 dead_after: float = 6.0, data_port: int | None = None) -> None:
         self.state_dir = state_dir
+        self.data_port = data_port or free_port()
         self.repo = repo
         self.port = port or free_port()
         self.dead_after = dead_after
@@ -135,7 +143,8 @@ class ServerProcess(_Child):
             self.proc = subprocess.Popen(
                 _kura("-v", "server", "--listen", f"127.0.0.1:{self.port}", "--state-dir",
                       str(self.state_dir), "--repo", str(self.repo), "--dead-after",
-                      str(self.dead_after)), stdout=out, stderr=subprocess.STDOUT)
+                      str(self.dead_after), "--data-listen", f"127.0.0.1:{self.data_port}"),
+                stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -168,7 +177,8 @@ class AgentProcess(_Child):
 
     def __init__(self, server_url: str, token: str, node: str, uri: str, state_dir: Path,
                  *, ca: Path | None = None, heartbeat: float = 1.0,
-                 inventory_interval: float = 2.0, libvirt_admin: str | None = None) -> None:
+                 inventory_interval: float = 2.0, libvirt_admin: str | None = None,
+                 data_port: int | None = None) -> None:
         self.args = ["-v", "agent", "--server", server_url, "--token", token, "--connect", uri,
                      "--node", node, "--state-dir", str(state_dir), "--heartbeat",
                      str(heartbeat), "--inventory-interval", str(inventory_interval)]
@@ -176,6 +186,8 @@ class AgentProcess(_Child):
             self.args += ["--ca", str(ca)]
         if libvirt_admin is not None:
             self.args += ["--libvirt-admin", libvirt_admin]
+        if data_port is not None:  # reach the data port through a relay
+            self.args += ["--data-port", str(data_port)]
         self.state_dir = state_dir
         self.log = state_dir.parent / f"agent-{node}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -194,6 +206,7 @@ class TcpProxy:
     def __init__(self, target_port: int) -> None:
         self.target = target_port
         self.port = free_port()
+        self.rate: float | None = None  # bytes per second per connection and direction
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -223,11 +236,12 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(1 << 16):
                 dst.sendall(data)
+                if self.rate:  # a slow link: long uploads, so that faults land inside them
+                    time.sleep(len(data) / self.rate)
         except OSError:
             pass
         finally:

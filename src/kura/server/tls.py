@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kura.errors import ServerError
+from kura.errors import ServerError, UsageError
 
 
 @dataclass(frozen=True)
@@ -185,4 +185,15 @@ def client_context(ca_file: Path | None = None, ca_pem: bytes | None = None) -> 
             raise ServerError(f"cannot read the CA certificate {ca_file}: {exc}",
                               hint="give the server's ca.pem with --ca or KURA_CA") from exc
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def server_context(files: TlsFiles) -> ssl.SSLContext:
+    """The server side's SSL context (the data port's; uvicorn builds the API's alike)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(files.cert), str(files.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the server certificate {files.cert}: {exc}") from exc
     return ctx

@@ -29,7 +29,7 @@ class Site:
     repo_path: Path
     admin: str
     agents: dict[str, AgentProcess]
-    proxies: dict[str, TcpProxy]
+    proxies: dict[str, Link]
     tmp: Path
 
     def client(self) -> ServerClient:
@@ -43,6 +43,22 @@ class Site:
         self.agents[node].start()
 
 
+class Link:
+    """A node's network path to the server (API and data port), cuttable."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.api = TcpProxy(server.port).start()
+        self.data = TcpProxy(server.data_port).start()
+
+    def cut(self) -> None:
+        self.api.cut()
+        self.data.cut()
+
+    def restore(self) -> None:
+        self.api.restore()
+        self.data.restore()
+
+
 @pytest.fixture
 def site(lab: Lab, tmp_path: Path) -> Iterator[Site]:
     repo_path = tmp_path / "repo"
@@ -51,10 +67,11 @@ def site(lab: Lab, tmp_path: Path) -> Iterator[Site]:
     admin = server.token("admin")
     agents, proxies = {}, {}
     for node in lab.nodes:
-        proxy = TcpProxy(server.port).start()  # the agent's network path, cuttable
+        proxy = Link(server)  # the agent's network path, cuttable
         token = server.token("agent", cluster="lab")
-        agents[node.name] = AgentProcess(f"https://127.0.0.1:{proxy.port}", token, node.name,
-                                         node.uri, tmp_path / f"agent-{node.name}").start()
+        agents[node.name] = AgentProcess(f"https://127.0.0.1:{proxy.api.port}", token,
+                                         node.name, node.uri, tmp_path / f"agent-{node.name}",
+                                         data_port=proxy.data.port).start()
         proxies[node.name] = proxy
     s = Site(lab, server, repo_path, admin, agents, proxies, tmp_path)
     try:
@@ -190,6 +207,12 @@ def test_agent_killed_server_killed_and_network_cut(site: Site,
     c.create_job(schemas.JobSpec(name="j", selection=schemas.Selection(names=[vm.name]),
                                  retry_delay=2, retries=3, node_wait=120))
     repo = site.repo()
+    # New random data before each fault and a slow data link (8 MiB/s): the upload
+    # lasts seconds, so that each fault lands inside it (the phases reach the
+    # server with the agent's events, up to a second late).
+    site.proxies["node-a"].data.rate = 8 << 20
+    vm.sh("dd if=/dev/urandom of=/data/kill-agent.bin bs=1M count=48 2>/dev/null && sync",
+          timeout=120)
 
     # 1. The agent dies mid-backup: the attempt fails with that reason and is retried.
     run = c.run_job("j")
@@ -201,8 +224,7 @@ def test_agent_killed_server_killed_and_network_cut(site: Site,
     assert "agent on node-a restarted" in text or "lost contact with the agent" in text, text
     assert len(repo.list_snapshots(vm.uuid)) == 1
 
-    # 2. The network to the agent is cut mid-backup; restored later. New random data
-    # in the guest makes the upload long enough that the cut lands inside it.
+    # 2. The network to the agent is cut mid-backup; restored later.
     vm.sh("dd if=/dev/urandom of=/data/cut.bin bs=1M count=48 2>/dev/null && sync",
           timeout=120)
     run = c.run_job("j")
@@ -220,7 +242,6 @@ def test_agent_killed_server_killed_and_network_cut(site: Site,
     assert len(repo.list_snapshots(vm.uuid)) == 2
 
     # 3. The server dies mid-job and is restarted: the run is failed with that reason.
-    # New data again: the incremental's upload must last long enough for the kill.
     vm.sh("dd if=/dev/urandom of=/data/kill.bin bs=1M count=48 2>/dev/null && sync",
           timeout=120)
     run = c.run_job("j")

@@ -21,6 +21,8 @@ from kura.repository.index import DiskIndex
 from kura.repository.store import index_name
 from kura.server import schemas
 from kura.server.client import PACK_RECORD, ServerClient
+from kura.server.dataport import DataChannel
+from kura.server.sessions import Session, SessionManager
 from kura.server.testing import RunningServer, start_server
 
 CHUNK = 64 << 10
@@ -78,11 +80,15 @@ class RepoRunner(FakeRunner):
                                   bytes_stored=dw.stats["bytes_stored"])
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[RunningServer, Repository, FakeCluster]]:
+@pytest.fixture(params=["data-port", "https"])
+def setup(tmp_path: Path, request: pytest.FixtureRequest
+          ) -> Iterator[tuple[RunningServer, Repository, FakeCluster]]:
+    """A server with a repository; chunks go through its data port, or (a server started
+    with ``--data-listen off``) through the HTTPS routes."""
     repo = Repository.init(tmp_path / "repo", passphrase=None, encryption="none",
                            chunk_size=CHUNK)
-    srv = start_server(tmp_path / "server", dead_after=2.0, repo=repo)
+    srv = start_server(tmp_path / "server", dead_after=2.0, repo=repo,
+                       data_port=request.param == "data-port")
     yield srv, repo, FakeCluster()
     srv.stop()
 
@@ -113,24 +119,14 @@ def test_incremental_uploads_only_new_chunks_and_restores(
     vm = fc.add("web1", "node-a")
     disks = {"web1": bytearray(os.urandom(8 * CHUNK))}
     agent, runner = _agent(srv, fc, "node-a", disks)
-    uploads: list[str] = []
-    real_write, real_pack = RemoteBackend.write, RemoteBackend.write_chunks
+    uploads: list[bytes] = []  # every chunk upload the server receives, whatever the path
+    real_put = SessionManager.put_chunk
 
-    def counting(self: RemoteBackend, name: str, data: bytes | bytearray, *,
-                 sync_dir: bool = True) -> None:
-        if name.startswith("chunks/"):
-            uploads.append(name)
-        real_write(self, name, data, sync_dir=sync_dir)
-
-    def counting_packs(self: RemoteBackend, pack: bytes) -> None:
-        pos = 0
-        while pos < len(pack):  # chunk packs: id, length, blob
-            cid, size = PACK_RECORD.unpack_from(pack, pos)
-            uploads.append(cid.hex())
-            pos += PACK_RECORD.size + size
-        real_pack(self, pack)
-    monkeypatch.setattr(RemoteBackend, "write", counting)
-    monkeypatch.setattr(RemoteBackend, "write_chunks", counting_packs)
+    def counting(self: SessionManager, sess: Session, cid: bytes,
+                 blob: bytes | memoryview) -> None:
+        uploads.append(cid)
+        real_put(self, sess, cid, blob)
+    monkeypatch.setattr(SessionManager, "put_chunk", counting)
     try:
         with srv.client() as c:
             wait_for(lambda: c.inventory().clusters, what="inventory")
@@ -234,6 +230,7 @@ def test_uploads_are_durable_before_the_manifest_even_without_a_sync(
     vm = fc.add("web1", "node-a")
     disks = {"web1": bytearray(os.urandom(6 * CHUNK))}
     monkeypatch.setattr(RemoteBackend, "sync_dirs", lambda self, names: None)
+    monkeypatch.setattr(DataChannel, "sync", lambda self: None)
     agent, runner = _agent(srv, fc, "node-a", disks, mode="crash")
     backend = repo.store.backend
     try:
@@ -326,6 +323,7 @@ def test_remote_batch_sends_packs_and_commits_after_them() -> None:
         def __init__(self) -> None:
             self.calls: list[tuple[str, Any]] = []
             self.fail = False
+            self.data = None  # no data port: chunks go in packs
 
         def write_chunks(self, pack: bytes) -> None:
             if self.fail:
@@ -385,6 +383,7 @@ def _open_backup_session(srv: RunningServer, fc: FakeCluster,
     return client, open_session(client, task_id)
 
 
+@pytest.mark.parametrize("setup", ["https"], indirect=True)  # the HTTPS routes
 def test_remote_touch_chunks_answers_the_missing_and_remembers_the_present(
         tmp_path: Path, setup: tuple[RunningServer, Repository, FakeCluster],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -457,6 +456,7 @@ def test_remote_touch_chunks_answers_the_missing_and_remembers_the_present(
     rsess.abort_quietly()
 
 
+@pytest.mark.parametrize("setup", ["https"], indirect=True)  # the HTTPS routes
 def test_an_incremental_touches_its_inherited_chunks_in_batches(
         tmp_path: Path, setup: tuple[RunningServer, Repository, FakeCluster],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -504,3 +504,19 @@ def test_an_incremental_touches_its_inherited_chunks_in_batches(
             assert len(repo.list_snapshots(vm.uuid)) == 2
     finally:
         agent.kill()
+
+
+@pytest.mark.parametrize("setup", ["data-port"], indirect=True)
+def test_an_agent_that_cannot_reach_the_data_port_uses_https(
+        setup: tuple[RunningServer, Repository, FakeCluster],
+        caplog: pytest.LogCaptureFixture) -> None:
+    from kura.server.testing import free_port
+
+    srv, _, fc = setup
+    srv.ctx.data_port = free_port()  # as if a firewall dropped it
+    _, rsess = _open_backup_session(srv, fc, "node-a")
+    backend = rsess.repo.store.backend
+    assert isinstance(backend, RemoteBackend) and backend.data is None
+    assert "chunks go over HTTPS instead" in caplog.text
+    assert backend.touch_chunks([b"\x01" * 32]) == {b"\x01" * 32}
+    rsess.abort_quietly()
