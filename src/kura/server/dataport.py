@@ -284,7 +284,7 @@ class DataChannel:
     """
 
     def __init__(self, address: DataAddress, context: ssl.SSLContext, *,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 60.0) -> None:
         self.address = address
         self.context = context
         self.timeout = timeout

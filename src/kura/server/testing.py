@@ -245,9 +245,12 @@ class TcpProxy:
         except OSError:
             pass
         finally:
+            # Closed, not only shut down: a peer still sending gets a reset, as from a
+            # dead process (a shut-down socket that nobody reads would stall it).
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+                s.close()
 
     def cut(self) -> None:
         """Drop every connection and refuse new ones."""
