@@ -190,7 +190,18 @@ def list_runs(who: Reader, ctx: Ctx,
 
 
 @router.get("/runs/{run_id}", response_model=schemas.RunOut, tags=["jobs"])
-def show_run(run_id: RunId, who: Reader, ctx: Ctx) -> schemas.RunOut:
+def show_run(run_id: RunId, who: Reader, ctx: Ctx,
+             wait: Annotated[float, Query(ge=0, le=60)] = 0) -> schemas.RunOut:
+    """A run; ``wait=S``: answer when the run has ended or after S seconds (at most the
+    server's long-poll time, 20 s), whichever is first: a client following a run asks
+    again, instead of polling."""
+    wait = min(wait, ctx.engine.settings.poll_wait)
+    if wait:
+        def running() -> bool:
+            with ctx.catalog.session() as s:
+                run = s.get(Run, run_id)
+                return run is not None and run.status == "running"
+        ctx.engine.wait_run_end(running, wait)
     with ctx.catalog.session() as s:
         run = s.get(Run, run_id)
         if run is None:

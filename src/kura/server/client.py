@@ -155,8 +155,11 @@ class ServerClient:
         return [schemas.RunSummary.model_validate(r)
                 for r in self.request("GET", "/api/runs", params=params)]
 
-    def run(self, run_id: int) -> schemas.RunOut:
-        return schemas.RunOut.model_validate(self.request("GET", f"/api/runs/{run_id}"))
+    def run(self, run_id: int, *, wait: float = 0) -> schemas.RunOut:
+        """A run; ``wait``: seconds the server may hold the answer until the run ends."""
+        params = {"wait": wait} if wait else None
+        return schemas.RunOut.model_validate(self.request(
+            "GET", f"/api/runs/{run_id}", params=params, timeout=wait + 30 if wait else None))
 
     def run_log(self, run_id: int) -> schemas.RunLog:
         return schemas.RunLog.model_validate(self.request("GET", f"/api/runs/{run_id}/log"))

@@ -179,7 +179,7 @@ class _Connection:
         self.conn = conn
         self.peer = peer
         self.head = memoryview(bytearray(HEADER.size))
-        self.buf = bytearray(1 << 20)
+        self.buf = bytearray()  # grown to the largest frame seen (a presence check's: small)
         self.sess: Session | None = None
         self.failed: tuple[int, str] | None = None  # a PUT's error, told at the next answer
 

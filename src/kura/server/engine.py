@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -82,6 +83,8 @@ class JobEngine:
         self._cond = threading.Condition(self._lock)
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._ended = threading.Condition()  # notified after a tick that ended runs
+        self._just_ended: list[int] = []
         self._thread: threading.Thread | None = None
         self._instances: dict[str, str] = {}
         self.on_tick: list[Callable[[], object]] = []  # e.g. the data path's session sweep
@@ -191,11 +194,25 @@ class JobEngine:
                     step(s, now)
             except Exception:
                 log.exception("job engine step %s failed", step.__name__)
+        if self._just_ended:  # committed: whoever waits for a run's end may look
+            self._just_ended.clear()
+            with self._ended:
+                self._ended.notify_all()
         for hook in list(self.on_tick):
             try:
                 hook()
             except Exception:
                 log.exception("job engine hook %r failed", hook)
+
+    def wait_run_end(self, running: Callable[[], bool], timeout: float) -> None:
+        """Return once ``running()`` is false (checked when runs end) or after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._ended:
+            while running():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._ended.wait(left)
 
     def _schedule(self, s: Session, now: datetime) -> None:
         for job in s.scalars(select(Job).where(Job.next_run.is_not(None), Job.next_run <= now)):
@@ -367,6 +384,7 @@ class JobEngine:
             failed = [rv for rv in run.vms if rv.state != "succeeded"]
             run.status = "succeeded" if not failed else ("failed" if not ok else "partial")
             run.ended = now
+            self._just_ended.append(run.id)
             if run.kind == "backup":
                 self._retention(s, run, ok)
             _log(s, run.id, None, "info" if not failed else "warning",

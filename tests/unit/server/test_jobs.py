@@ -215,3 +215,26 @@ def test_concurrency_limits_per_node_and_total(
                                      max_per_node=1, max_total=2))
         assert _run(c, "j").status == "succeeded"
     assert peak["node-a"] == 1 and peak["node-b"] == 1 and peak["total"] <= 2
+
+
+def test_a_client_can_wait_for_a_run_to_end_instead_of_polling(
+        server: RunningServer, fake_cluster: FakeCluster,
+        start_agent: Callable[[str], AgentThread]) -> None:
+    import time
+
+    fake_cluster.add("web1", "node-a")
+    fake_cluster.phase_seconds = 0.3  # a backup of ~2 s
+    start_agent("node-a")
+    with server.client() as c:
+        _ready(c, 1)
+        c.create_job(schemas.JobSpec(name="j", selection=schemas.Selection(all=True)))
+        run = c.run_job("j")
+        t0 = time.monotonic()
+        assert c.run(run.id, wait=0.5).status == "running"  # the wait ran out first
+        assert time.monotonic() - t0 >= 0.5
+        done = c.run(run.id, wait=30)
+        waited = time.monotonic() - t0
+        assert done.status == "succeeded" and waited < 10  # answered at the end
+        t0 = time.monotonic()
+        assert c.run(run.id, wait=30).status == "succeeded"  # ended: at once
+        assert time.monotonic() - t0 < 1
