@@ -265,6 +265,10 @@ class RemoteSession:
 def open_session(client: ServerClient, task_id: int) -> RemoteSession:
     data = client.request("POST", "/api/agent/sessions", json={"task_id": task_id})
     opened = schemas.SessionOpened.model_validate(data)
+    where = f"{opened.location}/config"
+    config = RepoConfig.from_json(base64.b64decode(opened.config), where)
+    master = MasterKey.from_bytes(base64.b64decode(opened.master_key))
+    config.check_mac(master, where)
     channel = None
     if opened.data_port and opened.data_secret:
         port = client.data_port or opened.data_port
@@ -276,8 +280,4 @@ def open_session(client: ServerClient, task_id: int) -> RemoteSession:
             log.warning("%s; chunks go over HTTPS instead (slower)", exc.message)
             channel = None
     backend = RemoteBackend(client, opened.session_id, opened.location, channel)
-    where = f"{opened.location}/config"
-    config = RepoConfig.from_json(base64.b64decode(opened.config), where)
-    master = MasterKey.from_bytes(base64.b64decode(opened.master_key))
-    config.check_mac(master, where)
     return RemoteSession(client, opened.session_id, Repository(RepoStore(backend, config, master)))

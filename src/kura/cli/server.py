@@ -135,7 +135,13 @@ def server(ctx: click.Context, listen: str, state_dir: Path, catalog: str | None
     if ctx.invoked_subcommand is not None:
         return
     from kura.server.repo_storage import RepositoryStorage
-    from kura.server.serve import ServerConfig, build_context, serve
+    from kura.server.serve import (
+        ServerConfig,
+        build_context,
+        data_address,
+        parse_listen,
+        serve,
+    )
 
     cfg = ServerConfig(listen=listen, state_dir=state_dir, catalog=catalog, tls_cert=tls_cert,
                        tls_key=tls_key, tls_ca=tls_ca, dead_after=dead_after,
@@ -153,8 +159,10 @@ def server(ctx: click.Context, listen: str, state_dir: Path, catalog: str | None
         return out
 
     context, files = build_context(cfg, repo, checks)
-    console.print(f"kura server: https://{listen}  CA fingerprint {context.ca_fingerprint}",
-                  highlight=False)
+    where = data_address(cfg, parse_listen(listen)[1])
+    data = "off" if where is None else f"{where[0]}:{where[1]}"
+    console.print(f"kura server: https://{listen}  data port: {data}  CA fingerprint "
+                  f"{context.ca_fingerprint}", highlight=False)
     serve(cfg, context, files)
 
 
