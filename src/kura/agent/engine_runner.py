@@ -44,18 +44,20 @@ from kura.engine import chain
 from kura.engine.backup import BackupOptions, backup_vm
 from kura.engine.events import Event
 from kura.engine.inventory import describe_node
-from kura.engine.restore import RestoreOptions, restore_vm
+from kura.engine.restore import RestoreOptions, restore_disk_file, restore_vm
 from kura.errors import (
     DomainNotFound,
     HypervisorError,
     Interrupted,
     KuraError,
     MigratedError,
+    UsageError,
 )
 from kura.hypervisor.connection import Hypervisor, open_connection
 from kura.hypervisor.domain import describe, disk_sizes
 from kura.hypervisor.jobwatch import JobRequest, JobWatch
 from kura.hypervisor.view import DEFAULT_SCRATCH_ROOT
+from kura.repository import Manifest
 from kura.server import schemas
 from kura.server.client import ServerClient
 
@@ -310,11 +312,28 @@ class EngineRunner:
         session: RemoteSession = open_session(self.client, ctx.task.id)
         try:
             manifest = session.repo.get_snapshot(str(ctx.payload["snapshot"]))
+            if req.output is not None:  # one disk to a file on this node
+                disk = req.disk or _only_disk(manifest)
+                fmt = req.format or "raw"
+                size = restore_disk_file(session.repo, manifest, disk, Path(req.output),
+                                         fmt=fmt, force=req.force,
+                                         listeners=[self._listener(ctx)])
+                return schemas.TaskResult(
+                    ok=True, kind="restore", snapshot=manifest.id, bytes_read=size,
+                    data={"disk": disk, "output": req.output, "format": fmt, "size": size})
             opts = RestoreOptions(target_dir=Path(req.target_dir) if req.target_dir else None,
-                                  new_name=req.new_name, start=req.start, force=req.force)
+                                  new_name=req.new_name, fmt=req.format, start=req.start,
+                                  force=req.force)
             with self._hv() as hv:
                 res = restore_vm(hv, session.repo, manifest, opts, [self._listener(ctx)])
         finally:
             session.abort_quietly()
         return schemas.TaskResult(ok=True, kind="restore", snapshot=manifest.id,
                                   bytes_read=res.bytes, data=res.to_dict())
+
+
+def _only_disk(manifest: Manifest) -> str:
+    if len(manifest.disks) != 1:
+        raise UsageError("this restore point has several disks: name one with --disk "
+                         f"({', '.join(d.name for d in manifest.disks)})")
+    return manifest.disks[0].name

@@ -64,7 +64,8 @@ def backup(ctx: click.Context, vms: tuple[str, ...], all_vms: bool, connect: str
 @click.command("restore")
 @click.argument("ref", metavar="NAME[@ID]")
 @click.option("--output", "-o", type=click.Path(path_type=Path), metavar="FILE",
-              help="Write one disk to FILE (raw, sparse unless --format qcow2).")
+              help="Write one disk to FILE (raw, sparse unless --format qcow2); through a "
+                   "server, an absolute path on the node that restores.")
 @click.option("--disk", metavar="DEV", help="Which disk of a VM restore point (e.g. vda).")
 @click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default=None,
               help="Format of restored disks (default: as backed up; raw for --output).")

@@ -245,15 +245,19 @@ def _retention(kw: dict[str, Any]) -> schemas.Retention:
 
 
 def _remote_restore(ctx: click.Context, kw: dict[str, Any]) -> None:
-    if kw.get("output") is not None:
-        raise UsageError("--output writes a file on this machine; through a server, restore "
-                         "the VM onto a node (drop --output, or unset KURA_SERVER)")
+    output = kw.get("output")
+    if kw.get("disk") is not None and output is None:
+        raise UsageError("--disk restores one disk to a file: add --output FILE")
+    if output is not None and not str(output).startswith("/"):
+        raise UsageError(f"through a server, --output is a path on the node that restores: "
+                         f"give it absolute (not {output})")
     target = kw.get("target_dir")
     from kura.server import schemas
 
     remote_restore(ctx, schemas.RestoreRequest(
         ref=kw["ref"], node=kw.get("node"), new_name=kw.get("new_name"),
         target_dir=str(target) if target else None, disk=kw.get("disk"),
+        output=str(output) if output is not None else None, format=kw.get("fmt"),
         start=bool(kw.get("start")), force=bool(kw.get("force"))))
 
 

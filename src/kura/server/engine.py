@@ -558,6 +558,9 @@ class JobEngine:
         if note:
             rv.diagnosis = f"{rv.diagnosis}; {note}" if rv.diagnosis else note
         what = f"restore point {res.snapshot}" if res.snapshot else "done"
+        if run.kind == "restore" and res.data.get("output"):
+            what = (f"disk {res.data.get('disk')} of restore point {res.snapshot} written to "
+                    f"{res.data['output']} ({res.data.get('format')})")
         _log(s, run.id, rv.id, "info",
              f"{rv.vm_name}: {what} on {rv.node} ({res.kind or run.kind}, "
              f"{res.consistency or '-'}; read {res.bytes_read} B, stored {res.bytes_stored} B)")

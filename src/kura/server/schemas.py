@@ -324,6 +324,9 @@ class RestoreRequest(Strict):
     new_name: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     target_dir: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     disk: Annotated[str, Field(min_length=1, max_length=32)] | None = None
+    # One disk to a file on the node (absolute path there) instead of a whole VM.
+    output: Annotated[str, Field(min_length=2, max_length=4096, pattern=r"^/")] | None = None
+    format: Literal["raw", "qcow2"] | None = None
     start: bool = False
     force: bool = False
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +15,7 @@ import libvirt
 import pytest
 
 from kura.agent.testing import wait_for
+from kura.engine.restore import restore_disk_file
 from kura.lab import Lab, LabVM
 from kura.repository import Repository
 from kura.server import schemas
@@ -277,11 +280,17 @@ def test_restore_through_the_server_on_a_chosen_node(site: Site,
     backed = _finished(c, c.run_job("one").id)
     assert backed.status == "succeeded", _log(c, backed.id)
     point = backed.vms[0].result["snapshot"]
+    # The yardstick: the restore point's disk as the repository gives it here.
+    reference = site.tmp / "reference.raw"
+    repo = site.repo()
+    restore_disk_file(repo, repo.get_snapshot(point), "vda", reference)
     target = site.lab.node("node-b").local_dir
     run = c.restore(schemas.RestoreRequest(ref=point, node="node-b", new_name="srv-restored",
                                            target_dir=str(target)))
     done = _finished(c, run.id)
     conn = site.lab.node("node-b").connect()
+    # One disk to a file on node-a, as qcow2.
+    single = site.lab.node("node-a").local_dir / "srv-single.qcow2"
     try:
         assert done.status == "succeeded", _log(c, done.id)
         assert done.vms[0].node == "node-b"
@@ -289,10 +298,34 @@ def test_restore_through_the_server_on_a_chosen_node(site: Site,
         assert dom.UUIDString() != vm.uuid  # restored as a new VM
         disks = done.vms[0].result["data"]["disks"]
         assert all(Path(p).parent == target and Path(p).exists() for p in disks.values())
+        _same_disk(reference, Path(disks["vda"]))
+        run = c.restore(schemas.RestoreRequest(ref=point, node="node-a", disk="vda",
+                                               output=str(single), format="qcow2"))
+        one = _finished(c, run.id)
+        assert one.status == "succeeded", _log(c, one.id)
+        assert one.vms[0].node == "node-a"
+        assert one.vms[0].result["data"]["output"] == str(single)
+        assert f"written to {single}" in _log(c, one.id)
+        _same_disk(reference, single)
+        assert site.lab.verify_disk(single, fmt="qcow2", boot=True).fsck_clean
+        # Not over an existing file without --force.
+        again = _finished(c, c.restore(schemas.RestoreRequest(
+            ref=point, node="node-a", disk="vda", output=str(single))).id)
+        assert again.status == "failed" and "exists" in _log(c, again.id)
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             conn.lookupByName("srv-restored").undefineFlags(
                 libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
         for f in target.glob("srv-restored*"):
             f.unlink()
+        single.unlink(missing_ok=True)
         conn.close()
+
+
+def _same_disk(raw: Path, image: Path) -> None:
+    """``image`` (any format) holds exactly the bytes of the raw file ``raw``."""
+    info = subprocess.run(["qemu-img", "info", "-U", "--output", "json", str(image)],
+                          check=True, capture_output=True, text=True)
+    fmt = json.loads(info.stdout)["format"]
+    subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", fmt, str(raw), str(image)],
+                   check=True, capture_output=True)

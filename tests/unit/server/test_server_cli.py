@@ -48,6 +48,11 @@ def test_cli_through_a_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         assert main(["--json", "snapshots"]) == 0  # the server's repository (empty here)
         assert json.loads(capsys.readouterr().out) == []
         assert main(["job", "delete", "prod"]) == 0
+        # One disk through a server: to a file on the node, named by an absolute path.
+        assert main(["restore", "web1", "--disk", "vda"]) == 2
+        assert "add --output FILE" in capsys.readouterr().err
+        assert main(["restore", "web1", "--disk", "vda", "--output", "rel.raw"]) == 2
+        assert "give it absolute" in capsys.readouterr().err
         monkeypatch.setenv("KURA_TOKEN", srv.token("read-only"))
         assert main(["job", "create", "x", "--all"]) == 6  # AuthError: role
         monkeypatch.setenv("KURA_TOKEN", "kura_0000000000000000_" + "0" * 64)
