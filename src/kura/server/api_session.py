@@ -63,7 +63,7 @@ def begin(body: schemas.SessionBegin, who: AgentP, ctx: Ctx) -> schemas.SessionO
     mgr = _manager(ctx)
     sess, key = _call(lambda: mgr.begin(who.id, body.task_id))
     config = _call(lambda: mgr.backend.read("config"))
-    port = ctx.data_port if sess.kind == "backup" else None
+    port = ctx.data_port if sess.kind in ("backup", "restore") else None
     return schemas.SessionOpened(session_id=sess.id, master_key=base64.b64encode(key).decode(),
                                  config=base64.b64encode(config).decode(),
                                  location=f"kura-server:{mgr.repo.id}", data_port=port,

@@ -24,14 +24,16 @@ HELLO     0x01   JSON ``{"protocol": 1, "session": ID, "secret": HEX}``
 HAS       0x02   1 to ``TOUCH_MAX`` chunk ids (32 bytes each)
 PUT       0x03   chunk id (32 bytes) and the sealed chunk blob
 SYNC      0x04   empty
-OK        0x80   HAS: the ids of those chunks the repository lacks; else empty
+GET       0x05   chunk id (32 bytes): a restore session reads a chunk
+OK        0x80   HAS: the ids of those chunks the repository lacks; GET: the blob;
+                 else empty
 ERR       0x81   JSON ``{"status": HTTP-like code, "message": text}``
 ========  =====  ============================================================
 
 The client starts with HELLO: the session id and the session's data secret,
 which the server gave that agent when the session opened (over the
-authenticated API); the connection then belongs to that session. HELLO, HAS
-and SYNC get one answer each, in order. PUT gets none: a failed PUT (a full
+authenticated API); the connection then belongs to that session. HELLO, HAS,
+SYNC and GET get one answer each, in order. PUT gets none: a failed PUT (a full
 disk, a blob that is not a kura blob, a closed session) is remembered, later
 PUTs are read and dropped, and the next HAS or SYNC answers ERR with it, so
 the client learns of it before anything refers to the chunk. SYNC answers OK
@@ -39,8 +41,8 @@ once every chunk PUT before it on this connection is durable. A frame that
 is malformed or too large ends the connection after an ERR.
 
 A client opens one connection for its uploads (PUT and SYNC, in order) and
-one or more for presence checks (HAS), so a question never waits behind a
-megabyte of upload.
+one or more for presence checks (HAS) and reads (GET), so a question never
+waits behind a megabyte of upload; a restore's workers each read on their own.
 """
 
 from __future__ import annotations
@@ -57,13 +59,14 @@ from dataclasses import dataclass
 
 from kura.errors import KuraError, RepositoryError, ServerError, StorageFull, UsageError
 from kura.repository import ObjectNotFound
+from kura.repository.store import chunk_name
 from kura.server.sessions import Refused, Session, SessionManager, error_status
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = 1
 HEADER = struct.Struct(">BI")
-HELLO, HAS, PUT, SYNC = 0x01, 0x02, 0x03, 0x04
+HELLO, HAS, PUT, SYNC, GET = 0x01, 0x02, 0x03, 0x04, 0x05
 OK, ERR = 0x80, 0x81
 ID_LEN = 32
 MAX_HELLO = 4096
@@ -89,7 +92,11 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
 
 
 def _send(sock: socket.socket, kind: int, payload: bytes = b"") -> None:
-    sock.sendall(HEADER.pack(kind, len(payload)) + payload)
+    if len(payload) <= 65536:
+        sock.sendall(HEADER.pack(kind, len(payload)) + payload)
+    else:  # a chunk: no copy of it to prepend the header
+        sock.sendall(HEADER.pack(kind, len(payload)))
+        sock.sendall(payload)
 
 
 def _err_payload(status: int, message: str) -> bytes:
@@ -240,7 +247,7 @@ class _Connection:
             elif self.failed is None:
                 raise FrameError("PUT without a chunk")
             return
-        if kind not in (HAS, SYNC):
+        if kind not in (HAS, SYNC, GET):
             raise FrameError(f"unknown frame type {kind:#x}")
         if self.failed is not None:
             _send(self.conn, ERR, _err_payload(*self.failed))
@@ -252,6 +259,10 @@ class _Connection:
                     raise FrameError(f"HAS needs 1 to {MAX_HAS} ids of {ID_LEN} bytes")
                 ids = [bytes(payload[i:i + ID_LEN]) for i in range(0, len(payload), ID_LEN)]
                 answer = b"".join(self.sessions.touch_chunks(sess, ids))
+            elif kind == GET:
+                if len(payload) != ID_LEN:
+                    raise FrameError(f"GET needs one chunk id of {ID_LEN} bytes")
+                answer = self.sessions.read(sess, chunk_name(bytes(payload)))
             else:
                 self.sessions.sync(sess, [])
                 answer = b""
@@ -332,7 +343,7 @@ class DataChannel:
             if not _recv_exact(conn, head):
                 raise ConnectionError("the server closed the data connection")
             kind, length = HEADER.unpack(head)
-            if length > MAX_HAS * ID_LEN:
+            if length > MAX_PUT:
                 raise ConnectionError(f"answer of {length} bytes is too large")
             payload = memoryview(bytearray(length))
             if length and not _recv_exact(conn, payload):
@@ -357,22 +368,37 @@ class DataChannel:
 
     def has(self, ids: Sequence[bytes]) -> set[bytes]:
         """Touch the stored chunks of ``ids`` (at most ``MAX_HAS``); returns the missing."""
+        answer = self._ask(HAS, b"".join(ids))
+        return {answer[i:i + ID_LEN] for i in range(0, len(answer), ID_LEN)}
+
+    def get(self, chunk_id: bytes) -> bytes:
+        """A stored chunk's blob (restore sessions)."""
+        return self._ask(GET, chunk_id)
+
+    def _ask(self, kind: int, payload: bytes) -> bytes:
+        """One question and its answer, on an idle connection (or a new one)."""
         with self._lock:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
             conn = self.connect()
         try:
-            _send(conn, HAS, b"".join(ids))
+            _send(conn, kind, payload)
             answer = self._answer(conn)
+        except (ObjectNotFound, StorageFull, RepositoryError):
+            self._give_back(conn)  # a refusal: the connection is still good
+            raise
         except BaseException:
             conn.close()
             raise
+        self._give_back(conn)
+        return answer
+
+    def _give_back(self, conn: ssl.SSLSocket) -> None:
         with self._lock:
             if self._closed:
                 conn.close()
             else:
                 self._idle.append(conn)
-        return {answer[i:i + ID_LEN] for i in range(0, len(answer), ID_LEN)}
 
     def put(self, chunk_id: bytes, blob: bytes | bytearray | memoryview) -> None:
         """Send one chunk (no answer; a failure on the server shows at the next sync)."""

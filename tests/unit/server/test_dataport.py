@@ -199,3 +199,27 @@ def test_an_unreachable_data_port_says_so() -> None:
                      ssl.create_default_context(), timeout=2)
     with pytest.raises(ServerError, match="cannot reach the kura server's data port"):
         ch.open()
+
+
+def test_a_restore_session_reads_chunks_and_a_backup_session_cannot(
+        served: tuple[RunningServer, Repository, Session]) -> None:
+    from kura.repository import ObjectNotFound
+
+    srv, repo, backup = served
+    assert srv.ctx.sessions is not None
+    stored = b"\x0a" * 32
+    blob = MAGIC + os.urandom(3 * CHUNK)  # larger than a presence check's answer
+    repo.store.backend.write(chunk_name(stored), blob)
+    restore = Session(id="r1", agent_id="a1", task_id=2, vm_uuid="u", kind="restore",
+                      visible=set())
+    srv.ctx.sessions._sessions[restore.id] = restore
+    ch = _channel(srv, restore)
+    assert ch.get(stored) == blob
+    with pytest.raises(ObjectNotFound):
+        ch.get(b"\x0b" * 32)
+    assert ch.get(stored) == blob  # the connection stays good after a refusal
+    with pytest.raises(RepositoryError, match="may not read"):
+        _channel(srv, backup).get(stored)
+    with pytest.raises(RepositoryError, match="writes nothing"):  # and a restore can't write
+        ch.put(b"\x0c" * 32, MAGIC + b"x")
+        ch.sync()
