@@ -236,9 +236,10 @@ class RemoteWriteBatch:
                 raise RepositoryError(f"a chunk upload failed: {self._failed}")
             names, self._names = self._names, []
         if self._backend.data is not None:
+            # The SYNC commits the session's whole batch, which is all the API's sync
+            # does too (the objects named were written durably when they were sent).
             self._backend.data.sync()
-            if not names:
-                return
+            return
         self._backend.sync_dirs(names)
 
     def discard(self) -> None:

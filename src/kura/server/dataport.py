@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from kura.errors import KuraError, RepositoryError, ServerError, StorageFull, UsageError
 from kura.repository import ObjectNotFound
 from kura.repository.store import chunk_name
+from kura.server import schemas
 from kura.server.sessions import Refused, Session, SessionManager, error_status
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ HELLO, HAS, PUT, SYNC, GET = 0x01, 0x02, 0x03, 0x04, 0x05
 OK, ERR = 0x80, 0x81
 ID_LEN = 32
 MAX_HELLO = 4096
-MAX_HAS = 4096  # ids per HAS (schemas.TOUCH_MAX)
+MAX_HAS = schemas.TOUCH_MAX  # ids per HAS: as many as the API's batch touch takes
 MAX_PUT = (64 << 20) + (64 << 10)  # the largest chunk size and its blob's overhead
 
 
@@ -213,13 +214,11 @@ class _Connection:
             self.conn.settimeout(self.port.idle_timeout)
             while (frame := self._frame(MAX_PUT)) is not None:
                 self._handle(*frame)
-        except FrameError as exc:
+        except (FrameError, Refused) as exc:  # a broken frame, or HELLO refused
+            if isinstance(exc, Refused):
+                log.warning("data port: refused a connection from %s: %s", self.peer, exc)
             with contextlib.suppress(OSError, ssl.SSLError):
-                _send(self.conn, ERR, _err_payload(400, str(exc)))
-        except Refused as exc:  # HELLO refused
-            log.warning("data port: refused a connection from %s: %s", self.peer, exc)
-            with contextlib.suppress(OSError, ssl.SSLError):
-                _send(self.conn, ERR, _err_payload(403, str(exc)))
+                _send(self.conn, ERR, _err_payload(error_status(exc), str(exc)))
 
     def _hello(self, kind: int, payload: memoryview) -> Session:
         if kind != HELLO:
