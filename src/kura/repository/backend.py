@@ -38,7 +38,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
@@ -186,16 +186,35 @@ DIRECT_BUFFER = (4 << 20) + DIRECT_ALIGN
 _BUFFERS = _BufferPool(keep=8)
 
 
-def _all_at_once(fn: Callable[[T], None], items: Sequence[T], thread_name: str) -> None:
+_SYNC_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the owning pid, the pool)
+_SYNC_POOL_LOCK = threading.Lock()
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    """The process's fsync threads: started on first use and kept (a commit used to
+    start and stop its own: ~300 thread starts in one server job of 8 VMs). A forked
+    child, which has none of its parent's threads, starts its own."""
+    global _SYNC_POOL
+    with _SYNC_POOL_LOCK:
+        if _SYNC_POOL is None or _SYNC_POOL[0] != os.getpid():
+            _SYNC_POOL = (os.getpid(), ThreadPoolExecutor(max_workers=_SYNC_THREADS,
+                                                          thread_name_prefix="kura-fsync"))
+        return _SYNC_POOL[1]
+
+
+def _all_at_once(fn: Callable[[T], None], items: Sequence[T]) -> None:
     """``fn(item)`` for every item, up to ``_SYNC_THREADS`` at once (concurrent fsyncs
-    share the file system's journal commits); waits for all, raises the first failure."""
+    share the file system's journal commits); waits for all, raises the first failure.
+
+    ``fn`` must not itself wait for this pool (it would wait for its own threads)."""
     if len(items) <= 1:
         for item in items:
             fn(item)
         return
-    with ThreadPoolExecutor(max_workers=min(_SYNC_THREADS, len(items)),
-                            thread_name_prefix=thread_name) as pool:
-        list(pool.map(fn, items))
+    futures = [_sync_pool().submit(fn, item) for item in items]
+    wait(futures)
+    for f in futures:
+        f.result()
 
 
 def fsync_dir(path: Path) -> None:
@@ -435,14 +454,31 @@ class LocalBackend:
         0.04 s on a quiet disk); issued together they share commits. Every
         fsync is waited for, and the first failure is raised.
         """
-        _all_at_once(self._sync_one, sorted({self._path(n).parent for n in names}),
-                     "kura-dirsync")
+        _all_at_once(self._sync_one, sorted({self._path(n).parent for n in names}))
 
     def _sync_one(self, d: Path) -> None:
         try:
             fsync_dir(d)
         except OSError as exc:
             raise self._fail(exc, str(d.relative_to(self.root)), "syncing") from exc
+
+    def make_dirs(self, names: Iterable[str]) -> None:
+        """Create the folders ``names`` (and their parents) now and make them durable,
+        rather than one at a time on first use (``Repository.init``: ``tmp/`` and the
+        256 chunk folders, which a first backup would otherwise create mid-stream)."""
+        parents: dict[Path, str] = {}
+        for name in names:
+            path = self._path(name)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise self._fail(exc, name, "creating") from exc
+            parents.setdefault(path.parent, name)
+        for parent, name in sorted(parents.items()):
+            try:
+                fsync_dir(parent)
+            except OSError as exc:
+                raise self._fail(exc, name, "creating") from exc
 
     def write_batch(self, *, limit: int = BATCH_OBJECTS) -> LocalWriteBatch:
         return LocalWriteBatch(self, limit=limit)
@@ -524,7 +560,7 @@ class LocalWriteBatch:
                     os.close(fd)
             except OSError as exc:
                 raise self._backend._fail(exc, name, "writing") from exc
-        _all_at_once(sync, staged, "kura-filesync")
+        _all_at_once(sync, staged)
 
     def discard(self) -> None:
         """Drop every staged object (nothing of it was visible)."""

@@ -34,7 +34,7 @@ from kura.errors import (
 from kura.repository import gc as gc_mod
 from kura.repository import prune as prune_mod
 from kura.repository import verify as verify_mod
-from kura.repository.backend import Backend, LocalBackend, ObjectNotFound, open_backend
+from kura.repository.backend import TMP_DIR, Backend, LocalBackend, ObjectNotFound, open_backend
 from kura.repository.config import (
     CONFIG,
     DEFAULT_CHUNK_SIZE,
@@ -57,7 +57,7 @@ from kura.repository.index import DiskIndex
 from kura.repository.manifest import DiskEntry, Manifest, SourceRef, is_snapshot_id
 from kura.repository.reader import DiskReader
 from kura.repository.reader import restore_disk as _restore_disk
-from kura.repository.store import CHUNKS_DIR, RepoStore, manifest_name
+from kura.repository.store import CHUNKS_DIR, RepoStore, chunk_dirs, manifest_name
 from kura.repository.writer import ChunkSink, SnapshotWriter
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ class Repository:
                             id_algorithm=id_algorithm).signed(master)
         if not backend.create(CONFIG, config.to_json()):
             raise RepositoryExists(f"a repository already exists at {backend.location}")
+        if isinstance(backend, LocalBackend):  # after the config: valid even if this fails
+            backend.make_dirs([TMP_DIR, *chunk_dirs()])
         return cls(RepoStore(backend, config, master))
 
     @staticmethod

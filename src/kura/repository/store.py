@@ -53,6 +53,11 @@ def chunk_name(chunk_id: bytes) -> str:
     return f"{CHUNKS_DIR}/{h[:2]}/{h}"
 
 
+def chunk_dirs() -> list[str]:
+    """Every folder a chunk can be in (the first byte of its id names it)."""
+    return [f"{CHUNKS_DIR}/{i:02x}" for i in range(256)]
+
+
 def manifest_name(snapshot_id: str) -> str:
     return f"{SNAPSHOTS_DIR}/{snapshot_id}{MANIFEST_SUFFIX}"
 

@@ -41,8 +41,9 @@ once every chunk PUT before it on this connection is durable. A frame that
 is malformed or too large ends the connection after an ERR.
 
 A client opens one connection for its uploads (PUT and SYNC, in order) and
-one or more for presence checks (HAS) and reads (GET), so a question never
-waits behind a megabyte of upload; a restore's workers each read on their own.
+others for presence checks (HAS: one, shared by a backup's threads, see
+:meth:`DataChannel.has`) and reads (GET), so a question never waits behind a
+megabyte of upload; a restore's workers each read on their own.
 """
 
 from __future__ import annotations
@@ -283,6 +284,21 @@ class DataAddress:
     secret: str
 
 
+class _Ask:
+    """One caller's presence check, answered by whichever thread carries it."""
+
+    def __init__(self, ids: list[bytes]) -> None:
+        self.ids = ids
+        self.done = False
+        self.missing: set[bytes] = set()
+        self.error: BaseException | None = None
+
+    def outcome(self) -> set[bytes]:
+        if self.error is not None:
+            raise self.error
+        return self.missing
+
+
 class DataChannel:
     """The agent's end: one upload connection and a few for presence checks.
 
@@ -304,6 +320,9 @@ class DataChannel:
         self._idle: list[ssl.SSLSocket] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._has_cond = threading.Condition()  # guards the presence-check queue
+        self._has_queue: list[_Ask] = []
+        self._has_busy = False
 
     @property
     def where(self) -> str:
@@ -366,9 +385,56 @@ class DataChannel:
         raise RepositoryError(f"the server refused a chunk operation: {message}")
 
     def has(self, ids: Sequence[bytes]) -> set[bytes]:
-        """Touch the stored chunks of ``ids`` (at most ``MAX_HAS``); returns the missing."""
-        answer = self._ask(HAS, b"".join(ids))
-        return {answer[i:i + ID_LEN] for i in range(0, len(answer), ID_LEN)}
+        """Touch the stored chunks of ``ids`` (at most ``MAX_HAS``); returns the missing.
+
+        Callers on several threads share round trips: while one presence check is on
+        the wire, the others queue theirs, and the next one carries all that queued
+        (up to ``MAX_HAS`` ids), on one connection. A backup's chunk workers each ask
+        about one chunk at a time; this way they cost the server one question (and
+        one connection) where they cost one per worker.
+        """
+        ask = _Ask(list(ids))
+        with self._has_cond:
+            self._has_queue.append(ask)
+            while self._has_busy and not ask.done:
+                self._has_cond.wait()
+            if ask.done:
+                return ask.outcome()
+            self._has_busy = True  # this thread asks, for itself and whoever queued
+        try:
+            while not ask.done:
+                with self._has_cond:
+                    batch = self._take_asks()
+                self._ask_for(batch)
+        finally:
+            with self._has_cond:
+                self._has_busy = False
+                self._has_cond.notify_all()
+        return ask.outcome()
+
+    def _take_asks(self) -> list[_Ask]:
+        batch: list[_Ask] = []
+        count = 0
+        while self._has_queue and (not batch or
+                                   count + len(self._has_queue[0].ids) <= MAX_HAS):
+            batch.append(self._has_queue.pop(0))
+            count += len(batch[-1].ids)
+        return batch
+
+    def _ask_for(self, batch: list[_Ask]) -> None:
+        try:
+            answer = self._ask(HAS, b"".join(c for a in batch for c in a.ids))
+        except BaseException as exc:
+            for a in batch:
+                a.error = exc
+        else:
+            missing = {answer[i:i + ID_LEN] for i in range(0, len(answer), ID_LEN)}
+            for a in batch:
+                a.missing = missing.intersection(a.ids)
+        with self._has_cond:
+            for a in batch:
+                a.done = True
+            self._has_cond.notify_all()
 
     def get(self, chunk_id: bytes) -> bytes:
         """A stored chunk's blob (restore sessions)."""

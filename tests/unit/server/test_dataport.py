@@ -6,6 +6,8 @@ import json
 import os
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from kura.repository.blob import MAGIC
 from kura.repository.store import chunk_name
 from kura.server import dataport
 from kura.server.dataport import HEADER, DataAddress, DataChannel
-from kura.server.sessions import Session
+from kura.server.sessions import Refused, Session
 from kura.server.testing import RunningServer, start_server
 
 CHUNK = 64 << 10
@@ -223,3 +225,74 @@ def test_a_restore_session_reads_chunks_and_a_backup_session_cannot(
     with pytest.raises(RepositoryError, match="writes nothing"):  # and a restore can't write
         ch.put(b"\x0c" * 32, MAGIC + b"x")
         ch.sync()
+
+
+def test_concurrent_presence_checks_share_round_trips_and_one_connection(
+        served: tuple[RunningServer, Repository, Session],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    srv, repo, sess = served
+    stored = [bytes([0x40 + i]) * 32 for i in range(8)]
+    for cid in stored:
+        repo.store.backend.write(chunk_name(cid), MAGIC + b"old")
+    mgr = srv.ctx.sessions
+    assert mgr is not None
+    real = mgr.touch_chunks
+    questions: list[int] = []
+    first = threading.Event()
+
+    def slow_touch(s: Session, ids: list[bytes]) -> list[bytes]:
+        questions.append(len(ids))
+        if len(questions) == 1:  # hold the first question until the others queue
+            first.wait(5)
+        return real(s, ids)
+
+    monkeypatch.setattr(mgr, "touch_chunks", slow_touch)
+    ch = _channel(srv, sess)
+    ch.open()
+    asks = [[stored[i], bytes([0x80 + i]) * 32] for i in range(8)]
+    answers: dict[int, set[bytes]] = {}
+
+    def ask(i: int) -> None:
+        answers[i] = ch.has(asks[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    threads[0].start()
+    while not questions:
+        time.sleep(0.01)
+    for t in threads[1:]:
+        t.start()
+    time.sleep(0.2)
+    first.set()
+    for t in threads:
+        t.join(10)
+    # Every caller gets its own answer; the seven that queued went in one question.
+    assert answers == {i: {asks[i][1]} for i in range(8)}
+    assert questions == [2, 14]
+    assert len(ch._idle) == 1  # one connection carried them all
+    ch.close()
+
+
+def test_a_refused_presence_check_fails_every_caller_it_carried(
+        served: tuple[RunningServer, Repository, Session],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    srv, _repo, sess = served
+    mgr = srv.ctx.sessions
+    assert mgr is not None
+    monkeypatch.setattr(mgr, "touch_chunks", lambda s, ids: (_ for _ in ()).throw(
+        Refused("this session is closed")))
+    ch = _channel(srv, sess)
+    errors: list[BaseException] = []
+
+    def ask(i: int) -> None:
+        try:
+            ch.has([bytes([i]) * 32])
+        except RepositoryError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 4 and all("closed" in str(e) for e in errors)
+    ch.close()
