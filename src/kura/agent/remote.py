@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from kura.errors import RepositoryError, ServerError, StorageFull
+from kura.errors import RepositoryError, ServerError
 from kura.repository import ObjectNotFound, ObjectStat, Repository
 from kura.repository.config import RepoConfig
 from kura.repository.crypto import MasterKey
@@ -37,6 +37,7 @@ from kura.repository.store import RepoStore, chunk_name
 from kura.server import schemas
 from kura.server.client import PACK_RECORD, ServerClient
 from kura.server.dataport import DataAddress, DataChannel
+from kura.server.sessions import status_error
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,8 @@ class RemoteBackend:
             status = getattr(exc, "status", 0)
             if status == 0:
                 raise  # the server is unreachable: a ServerError, worth a retry
-            if status == 404:
-                raise ObjectNotFound(name, self._location) from exc
-            if status == 507:
-                raise StorageFull(exc.message) from exc
-            raise RepositoryError(f"the server refused {method} {name}: {exc.message}") from exc
+            raise status_error(status, exc.message, name=name, location=self._location,
+                               action=f"{method} {name}") from exc
 
     def _obj(self, name: str) -> str:
         return "/objects/" + quote(name, safe="/")

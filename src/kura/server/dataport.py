@@ -62,7 +62,7 @@ from kura.errors import KuraError, RepositoryError, ServerError, StorageFull, Us
 from kura.repository import ObjectNotFound
 from kura.repository.store import chunk_name
 from kura.server import schemas
-from kura.server.sessions import Refused, Session, SessionManager, error_status
+from kura.server.sessions import Refused, Session, SessionManager, error_status, status_error
 
 log = logging.getLogger(__name__)
 
@@ -378,11 +378,8 @@ class DataChannel:
             status, message = int(err["status"]), str(err["message"])
         except (ValueError, KeyError, TypeError):
             status, message = 409, bytes(payload[:200]).decode(errors="replace")
-        if status == 404:
-            raise ObjectNotFound(message, "kura-server")
-        if status == 507:
-            raise StorageFull(message)
-        raise RepositoryError(f"the server refused a chunk operation: {message}")
+        raise status_error(status, message, name=message, location="kura-server",
+                           action="a chunk operation")
 
     def has(self, ids: Sequence[bytes]) -> set[bytes]:
         """Touch the stored chunks of ``ids`` (at most ``MAX_HAS``); returns the missing.

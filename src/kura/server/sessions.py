@@ -54,7 +54,14 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 
 from kura.catalog import Agent, BackupSession, Catalog, RunVm, Task, Vm
-from kura.errors import IntegrityError, KuraError, ServerError, StorageFull, UsageError
+from kura.errors import (
+    IntegrityError,
+    KuraError,
+    RepositoryError,
+    ServerError,
+    StorageFull,
+    UsageError,
+)
 from kura.repository import ZERO_CHUNK, Manifest, ObjectNotFound, ObjectStat, Repository
 from kura.repository.backend import WriteBatch
 from kura.repository.blob import MAGIC
@@ -85,6 +92,18 @@ def error_status(exc: KuraError) -> int:
     if isinstance(exc, UsageError):
         return 400
     return 409
+
+
+def status_error(status: int, message: str, *, name: str, location: str,
+                 action: str) -> KuraError:
+    """The agent's side of :func:`error_status`: the repository error that a status
+    from the server (API or data port) stands for, for the same handling as a local
+    repository's (404 → ``ObjectNotFound``, 507 → ``StorageFull``, else refused)."""
+    if status == 404:
+        return ObjectNotFound(name, location)
+    if status == 507:
+        return StorageFull(message)
+    return RepositoryError(f"the server refused {action}: {message}")
 
 
 @dataclass
