@@ -188,16 +188,19 @@ class Repository:
 
     # -- finding restore points -------------------------------------------------
 
-    def list_snapshots(self, source: str | None = None) -> list[Manifest]:
+    def list_snapshots(self, source: str | None = None, *,
+                       with_notes: bool = True) -> list[Manifest]:
         """Restore points (of one source: key or name), oldest first.
 
         Damaged manifests are skipped with a warning and listed in ``self.damaged``.
+        ``with_notes=False`` leaves out what the notes say (protection, verify
+        state): one read per restore point instead of two.
         """
         out = []
         self.damaged = {}
         for sid in self.store.list_snapshot_ids():
             try:
-                m = self.store.load_manifest(sid)
+                m = self.store.load_manifest(sid, with_notes=with_notes)
             except SnapshotNotFound:
                 continue  # removed meanwhile
             except (IntegrityError, UnsupportedFormat) as exc:
@@ -210,8 +213,18 @@ class Repository:
         return out
 
     def latest(self, source_key: str) -> Manifest | None:
-        snaps = [m for m in self.list_snapshots(source_key) if m.source.key == source_key]
-        return snaps[-1] if snaps else None
+        """The newest restore point of a source (with its notes), or None.
+
+        Every backup asks this (its parent); the notes of the older restore points
+        are not read (through a server, each read is a request)."""
+        snaps = [m for m in self.list_snapshots(source_key, with_notes=False)
+                 if m.source.key == source_key]
+        if not snaps:
+            return None
+        try:
+            return self.store.load_manifest(snaps[-1].id)
+        except SnapshotNotFound:  # pruned meanwhile: look again
+            return self.latest(source_key)
 
     def get_snapshot(self, ref: str | Manifest) -> Manifest:
         if isinstance(ref, Manifest):

@@ -246,3 +246,21 @@ def test_a_repository_written_before_blake3_still_reads_and_writes(tmp_path: Pat
     again.export_key(tmp_path / "key")
     Repository.import_key(tmp_path / "r", tmp_path / "key", passphrase=PW)
     assert (tmp_path / "r" / "config").read_bytes() == config
+
+
+def test_latest_reads_only_the_newest_restore_points_notes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = make_repo(tmp_path / "r")
+    snaps = [write_disk(repo, "img", bytes([i]) * 10) for i in range(3)]
+    write_disk(repo, "other", b"o" * 10)
+    repo.store.update_notes(snaps[-1].id, verify_state="failed")
+    read: list[str] = []
+    real = repo.store.read_notes
+    monkeypatch.setattr(repo.store, "read_notes", lambda sid: read.append(sid) or real(sid))
+    latest = repo.latest(snaps[0].source.key)
+    # The newest, with what its notes say (a backup plans its parent from that) ...
+    assert latest is not None and latest.id == snaps[-1].id
+    assert latest.verify_state == "failed"
+    # ... and no other restore point's notes read (through a server: a request each).
+    assert read == [snaps[-1].id]
+    assert repo.latest("nothing-here") is None
