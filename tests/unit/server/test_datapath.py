@@ -67,6 +67,7 @@ class RepoRunner(FakeRunner):
             dw.write_chunk(i, bytes(data[i * CHUNK:(i + 1) * CHUNK]))
         dw.finish()
         if self.mode == "crash":
+            w._session._stop.set()  # a dead process's heartbeat stops with it
             raise RepositoryError("simulated crash before commit")  # no abort, no end
         if self.mode == "abort":  # a clean abort after the indexes were written
             w.abort()
