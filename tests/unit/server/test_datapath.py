@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import replace
@@ -60,21 +61,27 @@ class RepoRunner(FakeRunner):
             finally:
                 w.abort()
             raise AssertionError("the server accepted a forged restore point")
-        base = parent.disk("vda") if parent else None
-        dw = w.add_disk("vda", len(data), base=base)
-        todo = self.dirty.get(name, set()) if parent else set(range(len(data) // CHUNK))
-        for i in sorted(todo):
-            dw.write_chunk(i, bytes(data[i * CHUNK:(i + 1) * CHUNK]))
-        dw.finish()
-        if self.mode == "crash":
-            w._session._stop.set()  # a dead process's heartbeat stops with it
-            raise RepositoryError("simulated crash before commit")  # no abort, no end
-        if self.mode == "abort":  # a clean abort after the indexes were written
-            w.abort()
-            self.aborted_indexes_left = [n for n in (index_name(w.id, "vda"),)
-                                         if repo.store.backend.exists(n)]
-            raise RepositoryError("simulated failure, aborted")
-        m = w.commit()
+        try:
+            base = parent.disk("vda") if parent else None
+            dw = w.add_disk("vda", len(data), base=base)
+            todo = self.dirty.get(name, set()) if parent else set(range(len(data) // CHUNK))
+            for i in sorted(todo):
+                dw.write_chunk(i, bytes(data[i * CHUNK:(i + 1) * CHUNK]))
+            dw.finish()
+            if self.mode == "crash":
+                w._session._stop.set()  # a dead process's heartbeat stops with it
+                raise RepositoryError("simulated crash before commit")  # no abort, no end
+            if self.mode == "abort":  # a clean abort after the indexes were written
+                w.abort()
+                self.aborted_indexes_left = [n for n in (index_name(w.id, "vda"),)
+                                             if repo.store.backend.exists(n)]
+                raise RepositoryError("simulated failure, aborted")
+            m = w.commit()
+        except BaseException:
+            if self.mode not in ("crash", "abort"):  # a failed backup aborts its writer
+                with contextlib.suppress(Exception):
+                    w.abort()
+            raise
         sess.end()
         self.dirty[name] = set()
         return schemas.TaskResult(ok=True, snapshot=m.id, kind=m.kind, consistency="crash",
