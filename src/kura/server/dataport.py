@@ -58,8 +58,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kura.errors import KuraError, RepositoryError, ServerError, StorageFull, UsageError
-from kura.repository import ObjectNotFound
+from kura.errors import KuraError, RepositoryError, ServerError, UsageError
 from kura.repository.store import chunk_name
 from kura.server import schemas
 from kura.server.sessions import Refused, Session, SessionManager, error_status, status_error
@@ -446,8 +445,8 @@ class DataChannel:
         try:
             _send(conn, kind, payload)
             answer = self._answer(conn)
-        except (ObjectNotFound, StorageFull, RepositoryError):
-            self._give_back(conn)  # a refusal: the connection is still good
+        except RepositoryError:  # a refusal (see status_error): the connection is still good
+            self._give_back(conn)
             raise
         except BaseException:
             conn.close()
